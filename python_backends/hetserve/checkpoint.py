@@ -1,0 +1,150 @@
+"""The default model: a small Llama checkpoint built locally and deterministically.
+
+Its weights are random, so its text is gibberish; it exists so that the whole
+serving path (tokenizer, vLLM loading, KV transfer) runs on any machine without a
+model hub. The real loading code is used unchanged: vLLM and transformers read it
+like any other Hugging Face checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Bump when the recipe changes, so cached checkpoints are rebuilt.
+RECIPE_VERSION = 1
+# What model.json's "model" says to mean this checkpoint.
+DEFAULT_MODEL = "hetserve:tiny-random"
+
+
+@dataclass(frozen=True, slots=True)
+class TinyLlamaRecipe:
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+    # Larger than HF's 0.02 so that the random model's logits depend visibly on
+    # its attention inputs (the KV tests rely on noise changing the output).
+    initializer_range: float = 0.1
+    seed: int = 0
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps({"v": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_WORDS = (
+    "the a an of to in and or is are was were be been model token cache key value "
+    "prefill decode server client request response stream batch layer head attention "
+    "memory compute bandwidth latency throughput tensor shape block page copy send "
+    "receive cancel error prompt text output input engine worker schedule queue time "
+    "one two three four five six seven eight nine ten hello world quick brown fox "
+    "jumps over lazy dog when where why how what which who this that these those"
+).split()
+
+
+def _corpus(seed: int, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        sentence = " ".join(words).capitalize()
+        out.append(sentence + rng.choice([".", "?", "!", ",", ";"]) + f" {rng.randint(0, 999)}")
+    return out
+
+
+def _train_tokenizer(recipe: TinyLlamaRecipe, out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(recipe.seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+
+
+def _save_model(recipe: TinyLlamaRecipe, vocab_size: int, out_dir: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=recipe.max_position_embeddings,
+        initializer_range=recipe.initializer_range,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_llama(out_dir: Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
+    """Write the checkpoint (config, safetensors, tokenizer) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(recipe, out_dir)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(out_dir))
+    _save_model(recipe, max(vocab, recipe.vocab_size), out_dir)
+    return out_dir
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "hetserve" / "models"
+
+
+def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
+    """The cached default checkpoint, built on first use (a few seconds)."""
+    target = cache_root() / f"tiny-llama-random-{recipe.digest}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    logger.info("Building the default checkpoint (random weights) in %s", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename, so a concurrent or interrupted build never leaves
+    # a half-written checkpoint at the cached path.
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_tiny_llama(tmp, recipe)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id as given, or the built default checkpoint's path."""
+    return str(default_model_path()) if name == DEFAULT_MODEL else name

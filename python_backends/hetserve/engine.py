@@ -1,0 +1,94 @@
+"""vLLM's AsyncLLM on an asyncio loop in a background thread.
+
+Triton calls ``execute`` on the stub's main thread; the engine lives on its
+own loop so that ``execute`` only hands requests over and returns (as Triton's
+vLLM backend does). Plain Python: no Triton imports, testable on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hetserve.checkpoint import resolve_model
+from hetserve.kv.format import ModelFingerprint
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONNECTOR = "HetserveConnector"
+CONNECTOR_MODULE = "hetserve.kv.connector"
+
+
+def load_engine_args(path: Path) -> dict[str, Any]:
+    """Engine arguments from a model's ``model.json`` (as Triton's vLLM backend)."""
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read engine arguments from {path}: {exc}") from None
+    if not isinstance(args, dict) or "model" not in args:
+        raise ValueError(f"{path} must be a JSON object with at least a 'model' field")
+    args["model"] = resolve_model(args["model"])
+    return args
+
+
+def with_connector(args: dict[str, Any], role: str) -> dict[str, Any]:
+    """Engine arguments with hetserve's KV connector in ``role``."""
+    from vllm.config import KVTransferConfig
+
+    args = dict(args)
+    if role == "kv_consumer" and args.get("enable_prefix_caching", True):
+        # Loaded KV is trusted by token ids; a local prefix cache would let one
+        # bad transfer poison later requests, and hits would skip the load.
+        logger.info("decode: prefix caching disabled (KV arrives with each request)")
+        args["enable_prefix_caching"] = False
+    args["kv_transfer_config"] = KVTransferConfig(
+        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role=role
+    )
+    return args
+
+
+class EngineLoop:
+    """An AsyncLLM and the event loop thread it runs on."""
+
+    def __init__(self, engine_args: dict[str, Any], name: str = "hetserve-engine"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.engine = self.run(self._create(engine_args))
+        config = self.engine.vllm_config.model_config
+        self.max_model_len: int = config.max_model_len
+        self.fingerprint = ModelFingerprint.from_hf_config(config.hf_config, config.dtype)
+
+    @staticmethod
+    async def _create(engine_args: dict[str, Any]):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the engine loop and wait for its result."""
+        return self.submit(coro).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def shutdown(self) -> None:
+        """Stop the engine on its own loop (from another thread it logs errors)."""
+
+        async def stop() -> None:
+            self.engine.shutdown()
+
+        try:
+            self.run(stop(), timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)

@@ -1,0 +1,1 @@
+"""The KV interchange format, its engine-layout converters and its buffers."""

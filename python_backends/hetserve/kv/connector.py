@@ -1,0 +1,200 @@
+"""HetserveConnector: vLLM v1 KV connector between the paged cache and KV buffers.
+
+Contract (which side calls what):
+
+* The caller (a Triton model) puts ``{"hetserve": {...}}`` into
+  ``SamplingParams.extra_args["kv_transfer_params"]``:
+  - producer (prefill): ``{"save": PATH, "nbytes": N}``: when the prompt is
+    complete, write its KV for *every* prompt token into the buffer at PATH in
+    the interchange layout ``[L, 2, H, T, D]``;
+  - consumer (decode): ``{"load": PATH, "nbytes": N, "num_tokens": T}``: the
+    buffer at PATH holds KV for the first T prompt tokens; put it into the
+    paged cache instead of computing it.
+* Scheduler side (EngineCore process): decides what to move and in which
+  blocks; ``request_finished`` returns ``{"hetserve": {"num_tokens": T}}`` for
+  a saved request, which reaches the caller as ``RequestOutput.kv_transfer_params``.
+* Worker side (the process that owns the paged cache): does the copies, once
+  per KV byte, synchronously (a load before the forward pass, a save after it).
+
+The caller owns the buffers; the engine only maps them by name. A consumer
+loads a request's KV at most once: after a preemption vLLM recomputes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.model_executor.models.utils import extract_layer_index
+
+from hetserve.kv import cpu_attn
+from hetserve.kv.buffers import MappingCache, view_as
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+from hetserve.connector_params import PARAMS_KEY
+
+
+def transfer_params(request: "Request") -> dict[str, Any] | None:
+    params = request.kv_transfer_params or {}
+    return params.get(PARAMS_KEY)
+
+
+@dataclass(slots=True)
+class TransferSpec:
+    """One request's KV move between a buffer and the paged cache."""
+
+    req_id: str
+    path: str
+    nbytes: int
+    num_tokens: int  # tokens the buffer holds: fixes its [L, 2, H, T, D] layout
+    count: int  # leading tokens to move
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class HetserveConnectorMetadata(KVConnectorMetadata):
+    loads: list[TransferSpec] = field(default_factory=list)
+    saves: list[TransferSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Saving:
+    spec: TransferSpec
+    computed: int = 0
+    saved: bool = False
+
+
+class HetserveConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        cfg = self._kv_transfer_config
+        self._producer = cfg.is_kv_producer
+        self._consumer = cfg.is_kv_consumer
+        # Scheduler side.
+        self._saving: dict[str, _Saving] = {}
+        self._to_load: dict[str, TransferSpec] = {}
+        self._loaded: set[str] = set()
+        # Worker side.
+        self._layers: list[torch.Tensor] = []
+        self._maps = MappingCache()
+
+    # ---------------------------------------------------------------- scheduler
+
+    def on_new_request(self, request: "Request") -> None:
+        params = transfer_params(request)
+        if self._producer and params and "save" in params:
+            n = request.num_prompt_tokens
+            spec = TransferSpec(request.request_id, params["save"], int(params["nbytes"]), n, n)
+            self._saving[request.request_id] = _Saving(spec)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = transfer_params(request)
+        if not (self._consumer and params and "load" in params) or request.request_id in self._loaded:
+            return 0, False
+        if num_computed_tokens:
+            # Only the whole prompt is loaded; with local hits, recompute instead.
+            logger.warning("request %s has %d locally cached tokens; not loading its KV", request.request_id, num_computed_tokens)
+            return 0, False
+        # A synchronous load may not cover the whole prompt (the scheduler needs
+        # one token to compute); callers send the KV's tokens plus at least one.
+        return min(int(params["num_tokens"]), request.num_prompt_tokens - 1), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if num_external_tokens <= 0:
+            return
+        params = transfer_params(request)
+        self._to_load[request.request_id] = TransferSpec(
+            request.request_id, params["load"], int(params["nbytes"]), int(params["num_tokens"]), num_external_tokens
+        )
+        self._loaded.add(request.request_id)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = HetserveConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            spec = self._to_load.pop(new.req_id, None)
+            if spec is not None:
+                spec.block_ids = list(new.block_ids[0])
+                meta.loads.append(spec)
+            saving = self._saving.get(new.req_id)
+            if saving is not None:
+                saving.spec.block_ids = list(new.block_ids[0])
+                saving.computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+                self._maybe_save(saving, meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            saving = self._saving.get(req_id)
+            if saving is None or saving.saved:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # preempted: the list is complete
+                saving.spec.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                saving.spec.block_ids.extend(new_ids[0])
+            saving.computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            self._maybe_save(saving, meta)
+        return meta
+
+    @staticmethod
+    def _maybe_save(saving: _Saving, meta: HetserveConnectorMetadata) -> None:
+        if not saving.saved and saving.computed >= saving.spec.num_tokens:
+            meta.saves.append(saving.spec)
+            saving.saved = True
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._loaded.discard(request.request_id)
+        self._to_load.pop(request.request_id, None)
+        saving = self._saving.pop(request.request_id, None)
+        if saving is None or not saving.saved:
+            return False, None
+        # The save ran synchronously in the step that completed the prompt, so
+        # the blocks can be freed now.
+        return False, {PARAMS_KEY: {"num_tokens": saving.spec.num_tokens}}
+
+    # ------------------------------------------------------------------- worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        ordered = sorted(kv_caches.items(), key=lambda item: extract_layer_index(item[0]))
+        self._layers = [tensor for _, tensor in ordered]
+        shape = tuple(self._layers[0].shape)
+        if len(shape) != 4 or shape[2] != cpu_attn.BLOCK_SIZE:
+            raise ValueError(f"HetserveConnector supports the CPU_ATTN layout with block size 128, got {shape}")
+
+    def _interchange(self, spec: TransferSpec) -> torch.Tensor:
+        layer = self._layers[0]
+        shape = (len(self._layers), 2, layer.shape[1], spec.num_tokens, layer.shape[3] // 2)
+        kv = view_as(self._maps.get(spec.path, spec.nbytes), layer.dtype, shape)
+        return kv[:, :, :, : spec.count]
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, HetserveConnectorMetadata)
+        for spec in meta.loads:
+            cpu_attn.scatter(self._interchange(spec), self._layers, spec.block_ids)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saved all layers at once in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, HetserveConnectorMetadata)
+        for spec in meta.saves:
+            cpu_attn.gather(self._layers, spec.block_ids, self._interchange(spec))

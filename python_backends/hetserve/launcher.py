@@ -1,0 +1,304 @@
+"""``hetserve serve``: a real tritonserver with the three hetserve models.
+
+The server binary and the python backend come from the ``nvidia-pytriton``
+wheel. The launcher assembles a backend directory, writes a run copy of the
+model repository adapted to this machine (model path, instance-group placement,
+KV data type), sizes the python backend's shared memory for the largest KV,
+starts the server bound to 127.0.0.1, waits until it is ready, and on
+SIGINT/SIGTERM stops it and removes every /dev/shm file its processes left.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hetserve import names
+from hetserve.checkpoint import DEFAULT_MODEL, resolve_model
+from hetserve.kv.buffers import PREFIX_ENV, SHM_DIR
+from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENGINE_MODELS = (names.Model.PREFILL, names.Model.DECODE)
+MiB = 1 << 20
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    model: str | None = None
+    model_repository: Path = PROJECT_ROOT / "model_repository"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    startup_timeout: float = 900.0
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TritonInstall:
+    binary: Path
+    python_backend: Path  # libtriton_python.so, triton_python_backend_utils.py
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def find(cls) -> "TritonInstall":
+        # Located, not imported: only the binaries of nvidia-pytriton are used.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("nvidia-pytriton is not installed: run scripts/setup.sh")
+        package = Path(list(spec.submodule_search_locations)[0])
+        root = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libs=package.parent / "nvidia_pytriton.libs",
+        )
+        for path in (found.binary, found.python_backend, found.stub, found.libs):
+            if not path.exists():
+                raise RuntimeError(f"tritonserver install is incomplete: {path} is missing")
+        return found
+
+
+def gpu_visible() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def assemble_backends(triton: TritonInstall, dst: Path) -> Path:
+    """``<dst>/python`` plus one directory per hetserve Python-based backend.
+
+    Files are copied, not linked: Triton refuses a backend library whose real
+    path escapes the backend directory.
+    """
+    python = dst / "python"
+    python.mkdir(parents=True)
+    for item in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(triton.python_backend / item, python / item)
+    shutil.copy2(triton.stub, python / "triton_python_backend_stub")
+    for model in names.Model:
+        backend = f"hetserve_{model.value}"
+        shutil.copytree(PROJECT_ROOT / "python_backends" / backend, dst / backend)
+    return dst
+
+
+def _read_config(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _write_config(config, path: Path) -> None:
+    from google.protobuf import text_format
+
+    path.write_text(text_format.MessageToString(config))
+
+
+def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
+    """The KV fingerprint and context length the engines will have.
+
+    vLLM resolves them itself (``dtype: auto`` downcasts float32 checkpoints on
+    the CPU, for one), so ask it rather than guess.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(**engine_args).create_model_config()
+    return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
+
+
+def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
+    """Write the run copy of the repository; return the largest KV in bytes."""
+    from tritonclient.grpc import model_config_pb2
+
+    shutil.copytree(options.model_repository, dst)
+    largest = 0
+    for model in ENGINE_MODELS:
+        model_json = dst / model.value / "1" / "model.json"
+        engine_args = json.loads(model_json.read_text())
+        engine_args["model"] = resolve_model(options.model or engine_args["model"])
+        model_json.write_text(json.dumps(engine_args, indent=2))
+        fingerprint, max_len = model_facts(engine_args)
+        largest = max(largest, fingerprint.bytes_per_token * max_len)
+        config = _read_config(dst / model.value / "config.pbtxt")
+        kv_type = model_config_pb2.DataType.Value("TYPE_" + TRITON_DTYPES[fingerprint.torch_dtype])
+        for tensor in [*config.input, *config.output]:
+            if tensor.name == names.KV_CACHE:
+                tensor.data_type = kv_type
+        for group in config.instance_group:
+            if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and not gpu:
+                logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
+                group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+        _write_config(config, dst / model.value / "config.pbtxt")
+        if engine_args["model"] == resolve_model(DEFAULT_MODEL):
+            logger.warning("%s: serving the built-in tiny Llama with RANDOM weights (%s): its text is gibberish", model.value, engine_args["model"])
+        else:
+            logger.info("%s: serving %s", model.value, engine_args["model"])
+    return largest
+
+
+def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]:
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    libs = [str(triton.libs), sysconfig.get_config_var("LIBDIR") or ""]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env[PREFIX_ENV] = shm_prefix
+    env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # model.json's kv_cache_memory_bytes decides
+    return env
+
+
+def server_command(triton: TritonInstall, options: ServeOptions, repo: Path, backends: Path, largest_kv: int, region_prefix: str) -> list[str]:
+    # Room for a KV on its way in and one on its way out, plus small tensors;
+    # the region grows by a whole KV when more requests are in flight.
+    shm_default = max(64 * MiB, 2 * largest_kv + 16 * MiB)
+    shm_growth = max(16 * MiB, largest_kv)
+    host = options.host
+    return [
+        str(triton.binary),
+        f"--model-repository={repo}",
+        f"--backend-directory={backends}",
+        f"--http-address={host}",
+        f"--http-port={options.http_port}",
+        f"--grpc-address={host}",
+        f"--grpc-port={options.grpc_port}",
+        f"--metrics-address={host}",
+        f"--metrics-port={options.metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--pinned-memory-pool-byte-size=0",
+        f"--backend-config=python,shm-default-byte-size={shm_default}",
+        f"--backend-config=python,shm-growth-byte-size={shm_growth}",
+        f"--backend-config=python,shm-region-prefix-name={region_prefix}",
+        f"--log-verbose={options.log_verbose}",
+        *options.extra_args,
+    ]
+
+
+def is_ready(host: str, http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def remove_shm(prefixes: list[str]) -> list[str]:
+    removed = []
+    for prefix in prefixes:
+        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "*")):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class Server:
+    """One tritonserver process group and the files it owns."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        tag = f"{os.getpid()}"
+        self.shm_prefixes = [f"hetserve-{tag}", f"triton_python_backend_hetserve_{tag}_"]
+        self.workdir = Path(tempfile.mkdtemp(prefix="hetserve-serve-"))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        triton = TritonInstall.find()
+        gpu = gpu_visible()
+        repo = self.workdir / "model_repository"
+        largest_kv = prepare_repository(self.options, repo, gpu)
+        backends = assemble_backends(triton, self.workdir / "backends")
+        command = server_command(triton, self.options, repo, backends, largest_kv, self.shm_prefixes[1])
+        logger.info("largest KV accepted: %.1f MiB; starting %s", largest_kv / MiB, " ".join(command))
+        self.started = time.monotonic()
+        # A new session: on shutdown, stubs and vLLM processes are stopped as
+        # this process group, never by name.
+        self.process = subprocess.Popen(
+            command, env=server_environment(triton, self.shm_prefixes[0]), start_new_session=True
+        )
+
+    def wait_ready(self, stop: threading.Event | None = None) -> bool:
+        deadline = time.monotonic() + self.options.startup_timeout
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
+            if is_ready(self.options.host, self.options.http_port):
+                logger.info(
+                    "ready in %.1f s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
+                    time.monotonic() - self.started,
+                    self.options.host, self.options.http_port,
+                    self.options.host, self.options.grpc_port,
+                    self.options.host, self.options.metrics_port,
+                )
+                return True
+            time.sleep(0.5)
+        if stop and stop.is_set():
+            return False
+        raise TimeoutError(f"tritonserver was not ready after {self.options.startup_timeout:.0f} s")
+
+    def stop(self, timeout: float = 90.0) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # graceful: finalize() stops the engines
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
+            except ProcessLookupError:
+                pass
+            process.wait()
+        removed = remove_shm(self.shm_prefixes)
+        if removed:
+            logger.info("removed %d /dev/shm file(s) left by the server", len(removed))
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def serve(options: ServeOptions) -> int:
+    """Run until SIGINT/SIGTERM or until the server exits; return its exit code."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = Server(options)
+    try:
+        server.start()
+        if server.wait_ready(stop):
+            while not stop.is_set() and server.process.poll() is None:
+                stop.wait(0.5)
+        code = server.process.poll()
+        return 0 if code is None else code
+    finally:
+        logger.info("stopping tritonserver")
+        server.stop()

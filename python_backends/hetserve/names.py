@@ -1,0 +1,108 @@
+"""Model and tensor names, defined once for the models, the client and the tests.
+
+The ``llm`` model speaks Triton's vLLM backend interface; ``prefill`` and
+``decode`` speak hetserve's internal one (the KV interchange as tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Model(str, Enum):
+    LLM = "llm"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+# Client-facing names (Triton vLLM backend).
+TEXT_INPUT = "text_input"
+STREAM = "stream"
+SAMPLING_PARAMETERS = "sampling_parameters"
+EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
+RETURN_FINISH_REASON = "return_finish_reason"
+RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
+RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
+TEXT_OUTPUT = "text_output"
+FINISH_REASON = "finish_reason"
+NUM_INPUT_TOKENS = "num_input_tokens"
+NUM_OUTPUT_TOKENS = "num_output_tokens"
+# hetserve extension: the token ids of each response, for exact comparisons.
+OUTPUT_IDS = "output_ids"
+
+# Internal names: the KV interchange and its control.
+KV_CACHE = "kv_cache"
+KV_TOKEN_IDS = "kv_token_ids"
+KV_FINGERPRINT = "kv_fingerprint"
+INPUT_IDS = "input_ids"
+DECODE_PARAMETERS = "decode_parameters"
+REQUEST_ID = "request_id"
+CANCEL_REQUEST_ID = "cancel_request_id"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton TYPE_* without the prefix
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+_KV_DIMS = (-1, -1, -1, -1, -1)  # [layers, 2, kv_heads, tokens, head_dim]
+# KV_DTYPE stands for the model's KV dtype; the launcher writes the real one.
+KV_DTYPE = "KV"
+
+IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
+    Model.LLM: {
+        "inputs": (
+            TensorSpec(TEXT_INPUT, "STRING", (1,)),
+            TensorSpec(STREAM, "BOOL", (1,), optional=True),
+            TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
+            TensorSpec(EXCLUDE_INPUT_IN_OUTPUT, "BOOL", (1,), optional=True),
+            TensorSpec(RETURN_FINISH_REASON, "BOOL", (1,), optional=True),
+            TensorSpec(RETURN_NUM_INPUT_TOKENS, "BOOL", (1,), optional=True),
+            TensorSpec(RETURN_NUM_OUTPUT_TOKENS, "BOOL", (1,), optional=True),
+        ),
+        "outputs": (
+            TensorSpec(TEXT_OUTPUT, "STRING", (-1,)),
+            TensorSpec(FINISH_REASON, "STRING", (-1,)),
+            TensorSpec(NUM_INPUT_TOKENS, "UINT32", (1,)),
+            TensorSpec(NUM_OUTPUT_TOKENS, "UINT32", (-1,)),
+            TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
+        ),
+    },
+    Model.PREFILL: {
+        "inputs": (
+            TensorSpec(TEXT_INPUT, "STRING", (1,), optional=True),
+            TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
+            TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
+            TensorSpec(CANCEL_REQUEST_ID, "STRING", (1,), optional=True),
+        ),
+        "outputs": (
+            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),
+            TensorSpec(KV_TOKEN_IDS, "INT64", (-1,)),
+            TensorSpec(KV_FINGERPRINT, "STRING", (1,)),
+            TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
+            TensorSpec(TEXT_OUTPUT, "STRING", (1,)),
+            TensorSpec(FINISH_REASON, "STRING", (1,)),
+            TensorSpec(DECODE_PARAMETERS, "STRING", (1,)),
+        ),
+    },
+    Model.DECODE: {
+        "inputs": (
+            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS, optional=True),
+            TensorSpec(KV_TOKEN_IDS, "INT64", (-1,), optional=True),
+            TensorSpec(KV_FINGERPRINT, "STRING", (1,), optional=True),
+            TensorSpec(INPUT_IDS, "INT64", (-1,), optional=True),
+            TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
+            TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
+            TensorSpec(CANCEL_REQUEST_ID, "STRING", (1,), optional=True),
+        ),
+        "outputs": (
+            TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
+            TensorSpec(TEXT_OUTPUT, "STRING", (1,)),
+            TensorSpec(FINISH_REASON, "STRING", (1,)),
+        ),
+    },
+}

@@ -1,0 +1,1 @@
+"""Triton glue: the only modules that import ``triton_python_backend_utils``."""

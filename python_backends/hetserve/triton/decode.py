@@ -1,0 +1,72 @@
+"""The decode model: continues a generation from KV in the interchange format.
+
+Inputs: ``kv_cache`` [L, 2, H, T, D], ``kv_token_ids`` [T] (the tokens the KV
+covers), ``kv_fingerprint``, ``input_ids`` (the tokens after them, at least the
+first generated one) and ``sampling_parameters`` for what remains. Streams one
+response per engine step (``output_ids``, ``text_output`` deltas), the last
+flagged final. KV that does not match this model is refused with an error.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton_python_backend_utils as pb_utils
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+
+from hetserve import names
+from hetserve.connector_params import load_params
+from hetserve.kv.format import ModelFingerprint, validate_kv
+from hetserve.sampling import parse_json, to_sampling_params
+from hetserve.triton.common import FINAL, cancelled, ids_tensor, input_str, input_tensor, send_error, string_tensor
+from hetserve.triton.engine_model import EngineModel
+
+_KV_INPUTS = (names.KV_CACHE, names.KV_TOKEN_IDS, names.KV_FINGERPRINT, names.INPUT_IDS)
+
+
+class DecodeModel(EngineModel):
+    kv_role = "kv_consumer"
+    name = "decode"
+
+    def _received_kv(self, request) -> tuple[torch.Tensor, list[int], list[int]]:
+        tensors = {name: input_tensor(request, name) for name in _KV_INPUTS}
+        missing = [name for name, tensor in tensors.items() if tensor is None]
+        if missing:
+            raise ValueError(f"missing input(s) {missing}")
+        # Zero-copy views of the tensors in this stub's shared memory.
+        kv = torch.from_dlpack(tensors[names.KV_CACHE].to_dlpack())
+        kv_ids = torch.from_dlpack(tensors[names.KV_TOKEN_IDS].to_dlpack())
+        new_ids = tensors[names.INPUT_IDS].as_numpy().reshape(-1).tolist()
+        received = ModelFingerprint.from_json(input_str(request, names.KV_FINGERPRINT) or "")
+        # One token must be left to compute, and room for one more to generate.
+        validate_kv(self.fingerprint, received, kv, kv_ids, self.max_model_len - 2)
+        if not new_ids:
+            raise ValueError("input_ids is empty: decode needs the token(s) that follow the KV")
+        return kv, kv_ids.tolist(), new_ids
+
+    async def handle(self, request, sender, request_id: str) -> None:
+        kv, kv_ids, new_ids = self._received_kv(request)
+        params = to_sampling_params(parse_json(input_str(request, names.SAMPLING_PARAMETERS)))
+        params.output_kind = RequestOutputKind.DELTA
+        buf = self.pool.acquire()
+        loaded = False
+        try:
+            buf.view(kv.dtype, tuple(kv.shape)).copy_(kv)  # into the buffer vLLM's worker reads
+            params.extra_args = {"kv_transfer_params": load_params(buf, len(kv_ids))}
+            prompt = TokensPrompt(prompt_token_ids=kv_ids + new_ids)
+            async for out in self.engine.engine.generate(prompt, params, request_id):
+                completion = out.outputs[0]
+                if completion.finish_reason == "abort":  # the worker may still read the buffer
+                    send_error(sender, "Request was cancelled", cancelled())
+                    return
+                loaded = True  # a token means the step that loaded the KV has run
+                response = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        ids_tensor(names.OUTPUT_IDS, completion.token_ids),
+                        string_tensor(names.TEXT_OUTPUT, completion.text),
+                        string_tensor(names.FINISH_REASON, completion.finish_reason or ""),
+                    ]
+                )
+                sender.send(response, flags=FINAL if out.finished else 0)
+        finally:
+            (self.pool.release if loaded else self.pool.discard)(buf)

@@ -1,0 +1,123 @@
+"""What the prefill and decode models share: a vLLM engine serving Triton requests.
+
+``execute`` hands each request to the engine loop and returns. Every request
+ends with exactly one response flagged final, errors included. A request is
+aborted in the engine when its client cancels (``response_sender.is_cancelled``,
+polled) or when a ``cancel_request_id`` control request names it (the ``llm``
+BLS model's way to cancel: Triton 2.51 cannot cancel a BLS request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from pathlib import Path
+
+from hetserve import names
+from hetserve.engine import EngineLoop, load_engine_args, with_connector
+from hetserve.kv.buffers import BufferPool
+from hetserve.kv.format import TRITON_DTYPES
+from hetserve.triton.common import FINAL, cancelled, input_str, invalid_arg, send_error
+
+logger = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.05
+
+
+class EngineModel:
+    """Base of PrefillModel and DecodeModel; subclasses implement ``handle``."""
+
+    kv_role: str = ""
+    name: str = ""
+
+    def __init__(self, args: dict[str, str]):
+        model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
+        engine_args = with_connector(load_engine_args(model_json), self.kv_role)
+        logger.info("%s: starting vLLM with %s", self.name, engine_args)
+        self.engine = EngineLoop(engine_args, name=f"hetserve-{self.name}")
+        self.fingerprint = self.engine.fingerprint
+        self.max_model_len = self.engine.max_model_len
+        self._check_kv_type(json.loads(args["model_config"]))
+        # One buffer holds the largest KV this model accepts.
+        self.pool = BufferPool(self.name, self.fingerprint.bytes_per_token * self.max_model_len)
+        # engine request id -> response sender, None once aborted (loop thread only)
+        self._active: dict[str, object | None] = {}
+        self._cancel_early: set[str] = set()
+        self._watcher = self.engine.submit(self._watch_cancellations())
+        logger.info("%s: ready; KV fingerprint %s", self.name, self.fingerprint.to_json())
+
+    def _check_kv_type(self, config: dict) -> None:
+        tensors = [*config.get("input", []), *config.get("output", [])]
+        declared = {t["name"]: t["data_type"] for t in tensors}.get(names.KV_CACHE)
+        wanted = "TYPE_" + TRITON_DTYPES[self.fingerprint.torch_dtype]
+        if declared != wanted:
+            self.engine.shutdown()
+            raise ValueError(
+                f"{self.name}: config.pbtxt declares {names.KV_CACHE} as {declared}, but the engine's KV is "
+                f"{self.fingerprint.dtype} ({wanted}); `hetserve serve` writes the right type"
+            )
+
+    # Called on the stub's main thread.
+    def execute(self, requests) -> None:
+        for request in requests:
+            self.engine.submit(self._dispatch(request))
+
+    def finalize(self) -> None:
+        self._watcher.cancel()
+        self.engine.shutdown()
+        self.pool.close()
+
+    # Everything below runs on the engine loop.
+    async def _dispatch(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            cancel_id = input_str(request, names.CANCEL_REQUEST_ID)
+            if cancel_id is not None:
+                await self._cancel(cancel_id)
+                sender.send(flags=FINAL)
+                return
+            request_id = input_str(request, names.REQUEST_ID) or uuid.uuid4().hex
+            if request_id in self._active:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+        except ValueError as exc:
+            send_error(sender, str(exc), invalid_arg())
+            return
+        if request_id in self._cancel_early:
+            self._cancel_early.discard(request_id)
+            send_error(sender, "Request was cancelled", cancelled())
+            return
+        self._active[request_id] = sender
+        try:
+            await self.handle(request, sender, request_id)
+        except ValueError as exc:  # the request was bad: say what
+            send_error(sender, f"{self.name}: {exc}", invalid_arg())
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            logger.exception("%s: request %s failed", self.name, request_id)
+            send_error(sender, f"{self.name}: {type(exc).__name__}: {exc}")
+        finally:
+            self._active.pop(request_id, None)
+
+    async def handle(self, request, sender, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def _cancel(self, request_id: str) -> None:
+        if request_id in self._active:
+            await self.engine.engine.abort(request_id)
+        else:  # the control request overtook the request it cancels
+            self._cancel_early.add(request_id)
+            if len(self._cancel_early) > 10_000:
+                self._cancel_early.pop()
+
+    async def _watch_cancellations(self) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            for request_id, sender in list(self._active.items()):
+                try:
+                    if sender is not None and sender.is_cancelled():
+                        self._active[request_id] = None  # abort once
+                        await self.engine.engine.abort(request_id)
+                except Exception:  # noqa: BLE001 - keep watching the others
+                    logger.exception("%s: cancellation check failed for %s", self.name, request_id)
+
