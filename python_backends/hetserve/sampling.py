@@ -30,6 +30,7 @@ def parse_json(raw: str | bytes | None) -> dict[str, Any]:
 def to_sampling_params(fields: dict[str, Any]):
     """Build vLLM ``SamplingParams``; ValueError names the offending field."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMError
 
     known = {f for f in SamplingParams.__struct_fields__ if not f.startswith("_")} - _RESERVED
     unknown = sorted(set(fields) - known)
@@ -39,7 +40,7 @@ def to_sampling_params(fields: dict[str, Any]):
         raise ValueError("sampling_parameters: only n=1 is supported")
     try:
         return SamplingParams(**fields)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, VLLMError) as exc:
         raise ValueError(f"invalid sampling_parameters: {exc}") from None
 
 

@@ -15,6 +15,8 @@ import logging
 import uuid
 from pathlib import Path
 
+from vllm.exceptions import VLLMClientError
+
 from hetserve import names
 from hetserve.engine import EngineLoop, load_engine_args, with_connector
 from hetserve.kv.buffers import BufferPool
@@ -91,7 +93,7 @@ class EngineModel:
         self._active[request_id] = sender
         try:
             await self.handle(request, sender, request_id)
-        except ValueError as exc:  # the request was bad: say what
+        except (ValueError, VLLMClientError) as exc:  # the request was bad: say what
             send_error(sender, f"{self.name}: {exc}", invalid_arg())
         except Exception as exc:  # noqa: BLE001 - every request gets an answer
             logger.exception("%s: request %s failed", self.name, request_id)

@@ -1,0 +1,21 @@
+"""Fixtures shared by all tests: the default checkpoint and its engine arguments."""
+
+from pathlib import Path
+
+import pytest
+
+from hetserve.checkpoint import default_model_path
+from hetserve.engine import load_engine_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def engine_args(model_path) -> dict:
+    """The engines' arguments as the repository states them (model resolved)."""
+    return load_engine_args(ROOT / "model_repository" / "prefill" / "1" / "model.json")

@@ -1,0 +1,70 @@
+"""The launcher's run repository, command line and clean-up, without a server."""
+
+import json
+import os
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from hetserve import names
+from hetserve.launcher import ServeOptions, TritonInstall, assemble_backends, prepare_repository, remove_shm, server_command
+
+
+def config(repo, model):
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def kv_type(cfg):
+    return {t.name: t.data_type for t in [*cfg.input, *cfg.output]}[names.KV_CACHE]
+
+
+def test_run_repository_adapts_to_a_cpu_machine(tmp_path, caplog, model_path):
+    caplog.set_level("INFO")
+    options = ServeOptions(model=str(model_path))
+    largest = prepare_repository(options, tmp_path / "repo", gpu=False)
+    repo = tmp_path / "repo"
+    prefill = config(repo, "prefill")
+    assert prefill.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert "no GPU is visible, placing it on KIND_CPU" in caplog.text
+    # the default model is float32: 4 layers * 2 * 2 heads * 64 * 4 bytes per token
+    assert largest == 2048 * 4 * 2 * 2 * 64 * 4
+    assert kv_type(prefill) == kv_type(config(repo, "decode")) == mc.TYPE_FP32
+    assert json.loads((repo / "decode" / "1" / "model.json").read_text())["model"] == str(model_path)
+
+
+def test_gpu_machine_keeps_the_gpu_placement(tmp_path, model_path):
+    prepare_repository(ServeOptions(model=str(model_path)), tmp_path / "repo", gpu=True)
+    assert config(tmp_path / "repo", "prefill").instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+
+
+def test_command_binds_loopback_and_sizes_shared_memory(tmp_path):
+    triton = TritonInstall.find()
+    options = ServeOptions(http_port=1, grpc_port=2, metrics_port=3)
+    cmd = server_command(triton, options, tmp_path, tmp_path, largest_kv=100 << 20, region_prefix="p_")
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--http-port=1"):
+        assert flag in cmd
+    pairs = [a.split(",", 1)[1].split("=") for a in cmd if a.startswith("--backend-config=python,shm-")]
+    sizes = {key: int(value) for key, value in pairs if value.isdigit()}
+    assert sizes["shm-default-byte-size"] >= 2 * (100 << 20)
+    assert sizes["shm-growth-byte-size"] >= 100 << 20
+
+
+def test_backend_directory_holds_python_and_the_three_backends(tmp_path):
+    root = assemble_backends(TritonInstall.find(), tmp_path / "backends")
+    assert (root / "python" / "libtriton_python.so").is_file()
+    assert os.access(root / "python" / "triton_python_backend_stub", os.X_OK)
+    for model in names.Model:
+        assert (root / f"hetserve_{model.value}" / "model.py").is_file()
+
+
+def test_remove_shm_removes_only_its_prefixes():
+    mine, other = "/dev/shm/hetserve-test-mine-1", "/dev/shm/hetserve-test-other-1"
+    for path in (mine, other):
+        open(path, "wb").close()
+    try:
+        assert remove_shm(["hetserve-test-mine"]) == [mine]
+        assert os.path.exists(other) and not os.path.exists(mine)
+    finally:
+        for path in (mine, other):
+            if os.path.exists(path):
+                os.unlink(path)

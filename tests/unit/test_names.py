@@ -1,0 +1,56 @@
+"""Every config.pbtxt declares exactly the tensors hetserve.names defines."""
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from hetserve import names
+
+REPO = Path(__file__).resolve().parents[2] / "model_repository"
+KV_TYPES = {"TYPE_FP32", "TYPE_FP16", "TYPE_BF16"}
+
+
+def load(model: names.Model):
+    return text_format.Parse((REPO / model.value / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def declared(tensors):
+    # (outputs have no "optional" field)
+    return {t.name: (mc.DataType.Name(t.data_type), tuple(t.dims), getattr(t, "optional", False)) for t in tensors}
+
+
+@pytest.mark.parametrize("model", list(names.Model))
+def test_config_matches_names(model):
+    config = load(model)
+    assert config.name == model.value and config.backend == f"hetserve_{model.value}"
+    assert config.model_transaction_policy.decoupled
+    for kind, tensors in (("inputs", config.input), ("outputs", config.output)):
+        got = declared(tensors)
+        assert set(got) == {spec.name for spec in names.IO[model][kind]}
+        for spec in names.IO[model][kind]:
+            data_type, dims, optional = got[spec.name]
+            if spec.data_type == names.KV_DTYPE:
+                assert data_type in KV_TYPES
+            else:
+                assert data_type == f"TYPE_{spec.data_type}"
+            assert (dims, optional) == (spec.dims, spec.optional), spec.name
+
+
+def test_placement_intent():
+    assert load(names.Model.PREFILL).instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert load(names.Model.DECODE).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_engines_agree_on_the_model():
+    prefill, decode = (json.loads((REPO / m / "1" / "model.json").read_text()) for m in ("prefill", "decode"))
+    for key in ("model", "dtype", "max_model_len"):
+        assert prefill[key] == decode[key], key
+
+
+def test_llm_speaks_the_vllm_backend_interface():
+    inputs = declared(load(names.Model.LLM).input)
+    for name in ("text_input", "stream", "sampling_parameters", "exclude_input_in_output"):
+        assert name in inputs
