@@ -1,5 +1,6 @@
 """Fixtures shared by all tests: the default checkpoint and its engine arguments."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from hetserve.checkpoint import default_model_path
 from hetserve.engine import load_engine_args
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # engine_runner
 
 
 @pytest.fixture(scope="session")

@@ -98,16 +98,19 @@ def stream_grpc(
 def generate_http(
     url: str,
     prompt: str,
-    sampling: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | str | None = None,
     model: str = DEFAULT_MODEL,
     timeout: float = 600.0,
     exclude_input_in_output: bool = True,
 ) -> Completion:
-    """One non-streamed completion through the HTTP generate endpoint."""
+    """One non-streamed completion through the HTTP generate endpoint.
+
+    ``sampling`` is a dict of vLLM SamplingParams fields, or their JSON as is.
+    """
     body = {
         names.TEXT_INPUT: prompt,
         names.STREAM: False,
-        names.SAMPLING_PARAMETERS: json.dumps(sampling or {}),
+        names.SAMPLING_PARAMETERS: sampling if isinstance(sampling, str) else json.dumps(sampling or {}),
         names.EXCLUDE_INPUT_IN_OUTPUT: exclude_input_in_output,
         names.RETURN_FINISH_REASON: True,
         names.RETURN_NUM_INPUT_TOKENS: True,

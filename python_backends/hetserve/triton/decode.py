@@ -18,6 +18,7 @@ from hetserve import names
 from hetserve.connector_params import load_params
 from hetserve.kv.format import ModelFingerprint, validate_kv
 from hetserve.sampling import parse_json, to_sampling_params
+from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import FINAL, cancelled, ids_tensor, input_str, input_tensor, send_error, string_tensor
 from hetserve.triton.engine_model import EngineModel
 
@@ -47,6 +48,8 @@ class DecodeModel(EngineModel):
     async def handle(self, request, sender, request_id: str) -> None:
         kv, kv_ids, new_ids = self._received_kv(request)
         params = to_sampling_params(parse_json(input_str(request, names.SAMPLING_PARAMETERS)))
+        text = Continuation(self.engine.engine.tokenizer, request_id, kv_ids, new_ids, params)
+        params = engine_params(params)
         params.output_kind = RequestOutputKind.DELTA
         buf = self.pool.acquire()
         loaded = False
@@ -60,13 +63,19 @@ class DecodeModel(EngineModel):
                     send_error(sender, "Request was cancelled", cancelled())
                     return
                 loaded = True  # a token means the step that loaded the KV has run
+                delta = text.update(list(completion.token_ids), completion.finish_reason == "stop", out.finished)
+                finish = "stop" if delta.stop_string is not None else completion.finish_reason or ""
                 response = pb_utils.InferenceResponse(
                     output_tensors=[
-                        ids_tensor(names.OUTPUT_IDS, completion.token_ids),
-                        string_tensor(names.TEXT_OUTPUT, completion.text),
-                        string_tensor(names.FINISH_REASON, completion.finish_reason or ""),
+                        ids_tensor(names.OUTPUT_IDS, delta.token_ids),
+                        string_tensor(names.TEXT_OUTPUT, delta.text),
+                        string_tensor(names.FINISH_REASON, finish),
                     ]
                 )
-                sender.send(response, flags=FINAL if out.finished else 0)
+                sender.send(response, flags=FINAL if finish else 0)
+                if delta.stop_string is not None and not out.finished:
+                    self._active[request_id] = None
+                    await self.engine.engine.abort(request_id)  # a stop string ended it
+                    return
         finally:
             (self.pool.release if loaded else self.pool.discard)(buf)

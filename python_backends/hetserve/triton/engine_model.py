@@ -10,6 +10,7 @@ BLS model's way to cancel: Triton 2.51 cannot cancel a BLS request).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import uuid
@@ -70,6 +71,8 @@ class EngineModel:
         self._watcher.cancel()
         self.engine.shutdown()
         self.pool.close()
+        self._watcher = None
+        gc.collect()  # release Triton objects while the stub can still free them
 
     # Everything below runs on the engine loop.
     async def _dispatch(self, request) -> None:
@@ -104,22 +107,32 @@ class EngineModel:
     async def handle(self, request, sender, request_id: str) -> None:
         raise NotImplementedError
 
+    async def _abort(self, request_id: str, why: str) -> None:
+        self._active[request_id] = None  # abort once
+        logger.info("%s: aborted request %s (%s)", self.name, request_id, why)
+        await self.engine.engine.abort(request_id)
+
     async def _cancel(self, request_id: str) -> None:
         if request_id in self._active:
-            await self.engine.engine.abort(request_id)
+            if self._active[request_id] is not None:
+                await self._abort(request_id, "cancel_request_id")
         else:  # the control request overtook the request it cancels
             self._cancel_early.add(request_id)
             if len(self._cancel_early) > 10_000:
                 self._cancel_early.pop()
 
     async def _watch_cancellations(self) -> None:
+        # The sleeping frame must hold no response sender: destroying one after
+        # the stub's shared memory is gone (at interpreter exit, through the
+        # cancelled task's traceback) segfaults the stub.
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
-            for request_id, sender in list(self._active.items()):
-                try:
-                    if sender is not None and sender.is_cancelled():
-                        self._active[request_id] = None  # abort once
-                        await self.engine.engine.abort(request_id)
-                except Exception:  # noqa: BLE001 - keep watching the others
-                    logger.exception("%s: cancellation check failed for %s", self.name, request_id)
+            await self._abort_cancelled()
 
+    async def _abort_cancelled(self) -> None:
+        for request_id, sender in list(self._active.items()):
+            try:
+                if sender is not None and sender.is_cancelled():
+                    await self._abort(request_id, "its client cancelled")
+            except Exception:  # noqa: BLE001 - keep watching the others
+                logger.exception("%s: cancellation check failed for %s", self.name, request_id)

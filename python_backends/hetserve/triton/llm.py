@@ -13,6 +13,7 @@ passed on as a ``cancel_request_id`` control request to the model holding it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,7 @@ class LLMModel:
 
     def finalize(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        gc.collect()  # free response senders while the stub can still release them
 
     async def _serve(self, request) -> None:
         sender = request.get_response_sender()
@@ -189,6 +191,7 @@ class LLMModel:
             if not sender.is_cancelled():
                 continue
             flow.cancelled = True
+            logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, flow.holder)
             control = [string_tensor(names.CANCEL_REQUEST_ID, flow.request_id)]
             responses = await self._responses(names.Model(flow.holder), control, [])
             while await self._next(responses) is not None:

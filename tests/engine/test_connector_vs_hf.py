@@ -1,0 +1,74 @@
+"""HetserveConnector's producer side on a real vLLM CPU engine, against HF.
+
+The KV a prefill engine saves through the connector (gathered from the
+CPU_ATTN paged cache by the converter) must equal the ``past_key_values`` that
+HF transformers computes for the same prompt on the same checkpoint, for every
+prompt token: the partial last block included, and with the prompt split over
+several scheduler steps (chunked prefill).
+"""
+
+import pytest
+import torch
+
+from engine_runner import run_engine
+from hetserve.connector_params import save_params
+from hetserve.kv.buffers import BufferPool
+from hetserve.kv.format import ModelFingerprint
+
+LENGTHS = [1, 127, 128, 129, 600]
+
+
+@pytest.fixture(scope="module")
+def saved_kv(engine_args, tmp_path_factory):
+    from transformers import AutoConfig
+
+    fp = ModelFingerprint.from_hf_config(AutoConfig.from_pretrained(engine_args["model"]), "float32")
+    pool = BufferPool("test-engine", fp.bytes_per_token * 1024)
+    try:
+        buffers = [pool.acquire() for _ in LENGTHS]
+        # Token ids straight from the vocabulary, so lengths are exact.
+        prompts = [[(7 * i + 3) % 2000 + 2 for i in range(n)] for n in LENGTHS]
+        # A small token budget forces the 600-token prompt into several steps.
+        args = {**engine_args, "max_num_batched_tokens": 256, "max_num_seqs": 8}
+        outputs = run_engine(
+            {
+                "engine_args": args,
+                "kv_role": "kv_producer",
+                "requests": [
+                    {"prompt_token_ids": ids, "sampling": {"max_tokens": 1, "temperature": 0}, "kv_transfer_params": save_params(buf)}
+                    for ids, buf in zip(prompts, buffers)
+                ],
+            },
+            tmp_path_factory.mktemp("engine"),
+        )
+        saved = [buf.view(torch.float32, fp.kv_shape(len(ids))).clone() for ids, buf in zip(prompts, buffers)]
+        yield prompts, outputs, saved
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine_args):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(engine_args["model"], dtype=torch.float32).eval()
+
+
+def test_engine_reports_every_prompt_token(saved_kv):
+    prompts, outputs, _ = saved_kv
+    for ids, out in zip(prompts, outputs):
+        assert out["kv_transfer_params"] == {"hetserve": {"num_tokens": len(ids)}}
+
+
+@pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"tokens={n}" for n in LENGTHS])
+def test_saved_kv_equals_hf_past_key_values(saved_kv, hf_model, index):
+    prompts, _, saved = saved_kv
+    ids = prompts[index]
+    with torch.no_grad():
+        cache = hf_model(torch.tensor([ids]), use_cache=True).past_key_values
+    kv = saved[index]  # [L, 2, H, T, D]
+    for layer, hf_layer in enumerate(cache.layers):
+        for half, hf_tensor in ((0, hf_layer.keys[0]), (1, hf_layer.values[0])):  # [H, T, D]
+            ours = kv[layer, half]
+            rel = (ours - hf_tensor).abs().max() / hf_tensor.abs().max()
+            assert rel < 1e-5, f"layer {layer} {'kv'[half]}: relative error {rel:.2e}"

@@ -1,0 +1,122 @@
+"""One real tritonserver for the whole session, started with ``hetserve serve``.
+
+The fixture stops it by PID (SIGTERM to the launcher, which stops the server's
+process group) and checks that no /dev/shm file of this server is left; it
+removes any leftovers either way, so a failing run does not leak.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine_runner import run_engine
+from hetserve_client import wait_ready
+
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Server:
+    pid: int
+    http_url: str
+    grpc_url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shm_files(launcher_pid: int) -> list[str]:
+    prefixes = [f"hetserve-{launcher_pid}", f"triton_python_backend_hetserve_{launcher_pid}_"]
+    return [path for prefix in prefixes for path in glob.glob(f"/dev/shm/{prefix}*")]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    command = [
+        sys.executable, "-m", "hetserve.cli", "serve",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+    ]
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(launcher.pid, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", log)
+    try:
+        started = time.monotonic()
+        deadline = started + STARTUP_TIMEOUT_S
+        while True:
+            if launcher.poll() is not None:
+                pytest.fail(f"hetserve serve exited with {launcher.returncode}:\n{server.log_text()[-6000:]}")
+            try:
+                wait_ready(server.http_url, timeout=5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-6000:]}")
+        print(f"\nserver ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        yield server
+    finally:
+        leftovers = stop(launcher)
+        if leftovers:
+            pytest.fail(f"the server left /dev/shm files behind: {leftovers}")
+
+
+def stop(launcher: subprocess.Popen) -> list[str]:
+    """Stop the launcher (and so the server); return what it left in /dev/shm."""
+    family = []
+    try:
+        family = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(150)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+    for process in family:  # only if the launcher failed to stop them
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    leftovers = shm_files(launcher.pid)
+    for path in leftovers:
+        os.unlink(path)
+    return leftovers
+
+
+@pytest.fixture(scope="session")
+def reference(engine_args, tmp_path_factory):
+    """Greedy outputs of one offline vLLM engine (no split) for given prompts."""
+    cache: dict[tuple, list[dict]] = {}
+
+    def outputs(prompts: list[str], sampling: dict) -> list[dict]:
+        key = (tuple(prompts), json.dumps(sampling, sort_keys=True))
+        if key not in cache:
+            cache[key] = run_engine(
+                {"engine_args": engine_args, "requests": [{"prompt": p, "sampling": sampling} for p in prompts]},
+                tmp_path_factory.mktemp("reference"),
+            )
+        return cache[key]
+
+    return outputs

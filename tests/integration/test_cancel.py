@@ -1,0 +1,86 @@
+"""A client's cancellation aborts the request in the model holding it."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from hetserve import names
+from hetserve_client import generate_http
+from triton_calls import infer_stream, strings
+
+PROMPT = "cache " * 100
+LONG = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+GREEDY = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+
+
+def wait_for(server, pattern: str, timeout: float = 30.0) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, server.log_text())
+        if match:
+            return match
+        time.sleep(0.2)
+    raise AssertionError(f"no log line matching {pattern!r}")
+
+
+def stream_then_cancel(url: str, prompt: str, after_responses: int, after_s: float) -> int:
+    """Stream a long generation; cancel it after some responses or some time."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, value, dtype in (
+        (names.TEXT_INPUT, np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+        (names.STREAM, np.array([True]), "BOOL"),
+        (names.SAMPLING_PARAMETERS, np.array([json.dumps(LONG).encode()], dtype=np.object_), "BYTES"),
+    ):
+        item = grpcclient.InferInput(name, [1], dtype)
+        item.set_data_from_numpy(value)
+        inputs.append(item)
+    client.async_stream_infer("llm", inputs)
+    seen = 0
+    deadline = time.monotonic() + after_s
+    while seen < after_responses and time.monotonic() < deadline:
+        try:
+            responses.get(timeout=0.05)
+            seen += 1
+        except queue.Empty:
+            pass
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    return seen
+
+
+def check_still_exact(server, reference):
+    want = reference([PROMPT], GREEDY)[0]
+    assert generate_http(server.http_url, PROMPT, GREEDY).token_ids == want["token_ids"]
+
+
+def test_cancelled_stream_is_aborted_in_decode(server, reference):
+    assert stream_then_cancel(server.grpc_url, PROMPT, after_responses=3, after_s=120) == 3
+    cancel = wait_for(server, r"llm: client cancelled request (\w+); cancelling it in decode")
+    wait_for(server, rf"decode: aborted request {cancel.group(1)}")
+    check_still_exact(server, reference)
+
+
+def test_prefill_honours_a_cancel_that_overtakes_its_request(server):
+    """The llm model's cancel path to prefill (a prompt prefills here faster than a
+    client can cancel it, so the control request is sent first)."""
+    request_id = "cancel-before-start"
+    assert infer_stream(server.grpc_url, "prefill", {names.CANCEL_REQUEST_ID: strings(request_id)}) == []
+    with pytest.raises(InferenceServerException, match="Request was cancelled"):
+        infer_stream(server.grpc_url, "prefill", {
+            names.TEXT_INPUT: strings(PROMPT),
+            names.REQUEST_ID: strings(request_id),
+        })
+    # the same id is served normally afterwards
+    (out,) = infer_stream(server.grpc_url, "prefill", {names.TEXT_INPUT: strings(PROMPT), names.REQUEST_ID: strings(request_id)})
+    assert out[names.OUTPUT_IDS].size == 1

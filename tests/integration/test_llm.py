@@ -1,0 +1,83 @@
+"""The split pipeline's greedy output equals a single vLLM engine's, token for token."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from hetserve_client import generate_http, stream_grpc
+
+# Varied lengths: under one 128-token block, around block edges, several blocks.
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog.",
+    "Why is memory bandwidth the limit of decode? " * 3,
+    "cache " * 127,
+    "prefill decode " * 64,
+    "model token " * 200,
+    "When where why how what which who this that these those. " * 30,
+    "one two three four five six seven eight nine ten " * 45,
+    "Send receive cancel error prompt text output input engine worker! " * 15,
+]
+GREEDY = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return reference(PROMPTS, GREEDY)
+
+
+def test_prompts_cover_short_and_multi_block(expected):
+    lengths = [len(e["prompt_token_ids"]) for e in expected]
+    assert min(lengths) < 128 and max(lengths) > 2 * 128
+    assert any(n % 128 for n in lengths if n > 128)  # a partial last block after full ones
+
+
+def stream_all(server, prompts, sampling):
+    def one(prompt):
+        return list(stream_grpc(server.grpc_url, prompt, sampling))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: batched in both engines
+        return list(pool.map(one, prompts))
+
+
+def test_grpc_stream_equals_single_engine(server, expected):
+    for prompt, deltas, want in zip(PROMPTS, stream_all(server, PROMPTS, GREEDY), expected):
+        ids = [t for d in deltas for t in d.token_ids]
+        assert ids == want["token_ids"], prompt[:40]
+        assert "".join(d.text for d in deltas) == want["text"]
+        assert len(ids) == 40 and len(deltas) > 1  # streamed, not one final blob
+        assert deltas[0].token_ids == want["token_ids"][:1]  # prefill's token comes first
+        assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_http_non_streamed_equals_single_engine(server, expected):
+    for prompt, want in zip(PROMPTS, expected):
+        got = generate_http(server.http_url, prompt, GREEDY)
+        assert got.token_ids == want["token_ids"], prompt[:40]
+        assert got.text == want["text"]
+        assert (got.finish_reason, got.num_output_tokens) == ("length", 40)
+        assert got.num_input_tokens == len(want["prompt_token_ids"])
+
+
+def test_prompt_is_prepended_unless_excluded(server, expected):
+    got = generate_http(server.http_url, PROMPTS[1], GREEDY, exclude_input_in_output=False)
+    assert got.text == PROMPTS[1] + expected[1]["text"]
+
+
+def test_one_token_finishes_in_prefill(server, reference):
+    sampling = {"max_tokens": 1, "temperature": 0}
+    want = reference(PROMPTS[:2], sampling)
+    for prompt, w in zip(PROMPTS[:2], want):
+        deltas = list(stream_grpc(server.grpc_url, prompt, sampling))
+        assert [t for d in deltas for t in d.token_ids] == w["token_ids"]
+        assert deltas[-1].finish_reason in ("length", "stop")
+
+
+def test_eos_and_stop_settings_pass_through(server, reference):
+    sampling = {"max_tokens": 33, "temperature": 0, "min_tokens": 5, "stop_token_ids": [7, 8, 9]}
+    prompts = PROMPTS[2:5]
+    for prompt, want in zip(prompts, reference(prompts, sampling)):
+        got = generate_http(server.http_url, prompt, sampling)
+        assert got.token_ids == want["token_ids"] and got.text == want["text"]
