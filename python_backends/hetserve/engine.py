@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SHUTDOWN_TIMEOUT_S = 30.0
 CONNECTOR = "HetserveConnector"
 CONNECTOR_MODULE = "hetserve.kv.connector"
 
@@ -85,10 +86,12 @@ class EngineLoop:
         """Stop the engine on its own loop (from another thread it logs errors)."""
 
         async def stop() -> None:
-            self.engine.shutdown()
+            # vLLM force-kills an EngineCore still tearing down after its short
+            # default, leaking its /dev/shm queues: give it time.
+            self.engine.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
         try:
-            self.run(stop(), timeout=60)
+            self.run(stop(), timeout=SHUTDOWN_TIMEOUT_S + 30)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)

@@ -215,11 +215,41 @@ def remove_shm(prefixes: list[str]) -> list[str]:
     for prefix in prefixes:
         for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "*")):
             try:
-                os.unlink(path)
+                if os.path.isdir(path):  # the CancelBoard
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(path)
             except FileNotFoundError:
                 pass
     return removed
+
+
+def shm_mapped_by(pid: int) -> set[str]:
+    """/dev/shm files mapped by a process and its descendants.
+
+    vLLM's engine processes create shared-memory queues (``psm_*``,
+    ``sem.mp-*``) with random names; a process that is killed leaves them
+    behind, so the launcher notes them once the server is up.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for process in family:
+        try:
+            with open(f"/proc/{process.pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith(SHM_DIR + "/"):
+                        found.add(path.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return found
 
 
 class Server:
@@ -231,6 +261,7 @@ class Server:
         self.shm_prefixes = [f"hetserve-{tag}", f"triton_python_backend_hetserve_{tag}_"]
         self.workdir = Path(tempfile.mkdtemp(prefix="hetserve-serve-"))
         self.process: subprocess.Popen | None = None
+        self.engine_shm: set[str] = set()
 
     def start(self) -> None:
         triton = TritonInstall.find()
@@ -253,6 +284,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
             if is_ready(self.options.host, self.options.http_port):
+                self.engine_shm = shm_mapped_by(self.process.pid)
                 logger.info(
                     "ready in %.1f s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
                     time.monotonic() - self.started,
@@ -281,6 +313,10 @@ class Server:
                 pass
             process.wait()
         removed = remove_shm(self.shm_prefixes)
+        for path in self.engine_shm:
+            if os.path.exists(path):
+                os.unlink(path)
+                removed.append(path)
         if removed:
             logger.info("removed %d /dev/shm file(s) left by the server", len(removed))
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -31,14 +31,13 @@ NUM_OUTPUT_TOKENS = "num_output_tokens"
 # hetserve extension: the token ids of each response, for exact comparisons.
 OUTPUT_IDS = "output_ids"
 
-# Internal names: the KV interchange and its control.
+# Internal names: the KV interchange and the request id shared by both halves.
 KV_CACHE = "kv_cache"
 KV_TOKEN_IDS = "kv_token_ids"
 KV_FINGERPRINT = "kv_fingerprint"
 INPUT_IDS = "input_ids"
 DECODE_PARAMETERS = "decode_parameters"
 REQUEST_ID = "request_id"
-CANCEL_REQUEST_ID = "cancel_request_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +76,6 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(TEXT_INPUT, "STRING", (1,), optional=True),
             TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
             TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
-            TensorSpec(CANCEL_REQUEST_ID, "STRING", (1,), optional=True),
         ),
         "outputs": (
             TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),
@@ -97,7 +95,6 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(INPUT_IDS, "INT64", (-1,), optional=True),
             TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
             TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
-            TensorSpec(CANCEL_REQUEST_ID, "STRING", (1,), optional=True),
         ),
         "outputs": (
             TensorSpec(OUTPUT_IDS, "INT64", (-1,)),

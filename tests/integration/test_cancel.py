@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from hetserve import names
+from hetserve.cancel import CancelBoard
 from hetserve_client import generate_http
 from triton_calls import infer_stream, strings
 
@@ -71,16 +72,15 @@ def test_cancelled_stream_is_aborted_in_decode(server, reference):
     check_still_exact(server, reference)
 
 
-def test_prefill_honours_a_cancel_that_overtakes_its_request(server):
-    """The llm model's cancel path to prefill (a prompt prefills here faster than a
-    client can cancel it, so the control request is sent first)."""
+def test_a_request_marked_cancelled_is_refused_by_prefill(server):
+    """The llm model's cancel path to prefill (on this machine a prompt prefills
+    faster than a client can cancel it, so the mark is made first)."""
+    board = CancelBoard(f"/dev/shm/hetserve-{server.pid}-cancel")
     request_id = "cancel-before-start"
-    assert infer_stream(server.grpc_url, "prefill", {names.CANCEL_REQUEST_ID: strings(request_id)}) == []
+    inputs = {names.TEXT_INPUT: strings(PROMPT), names.REQUEST_ID: strings(request_id)}
+    board.cancel(request_id)
     with pytest.raises(InferenceServerException, match="Request was cancelled"):
-        infer_stream(server.grpc_url, "prefill", {
-            names.TEXT_INPUT: strings(PROMPT),
-            names.REQUEST_ID: strings(request_id),
-        })
-    # the same id is served normally afterwards
-    (out,) = infer_stream(server.grpc_url, "prefill", {names.TEXT_INPUT: strings(PROMPT), names.REQUEST_ID: strings(request_id)})
+        infer_stream(server.grpc_url, "prefill", inputs)
+    board.clear(request_id)
+    (out,) = infer_stream(server.grpc_url, "prefill", inputs)
     assert out[names.OUTPUT_IDS].size == 1

@@ -68,3 +68,16 @@ def test_remove_shm_removes_only_its_prefixes():
         for path in (mine, other):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_shm_mapped_by_finds_this_process_mappings():
+    from hetserve.kv.buffers import map_file
+    from hetserve.launcher import shm_mapped_by
+
+    path = f"/dev/shm/hetserve-test-mapped-{os.getpid()}"
+    try:
+        mapping = map_file(path, 4096)
+        assert path in shm_mapped_by(os.getpid())
+        del mapping
+    finally:
+        os.unlink(path)

@@ -78,27 +78,25 @@ def _check(kv: torch.Tensor, layers: Sequence[torch.Tensor]) -> None:
         raise ValueError(f"cache dtype {layers[0].dtype} differs from KV dtype {kv.dtype}")
 
 
+def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
+    _check(kv, layers)
+    for first_token, first_block, n, last in _runs(block_ids, kv.shape[3], BLOCK_SIZE):
+        for i, layer in enumerate(layers):
+            pages = _page_views(layer, first_block, n, last)
+            interchange = _interchange_views(kv, i, first_token, n, last)
+            for dst, src in zip(*((pages, interchange) if to_pages else (interchange, pages))):
+                dst.copy_(src)
+
+
 def gather(layers: Sequence[torch.Tensor], block_ids: Sequence[int], out: torch.Tensor) -> torch.Tensor:
     """Copy the first ``out.shape[3]`` tokens held in ``block_ids`` into ``out``.
 
     ``layers[i]``: [num_blocks, H, 128, 2D]; ``out``: [L, 2, H, T, D].
     """
-    _check(out, layers)
-    for first_token, first_block, n, last in _runs(block_ids, out.shape[3], BLOCK_SIZE):
-        for i, layer in enumerate(layers):
-            k_src, v_src = _page_views(layer, first_block, n, last)
-            k_dst, v_dst = _interchange_views(out, i, first_token, n, last)
-            k_dst.copy_(k_src)
-            v_dst.copy_(v_src)
+    _copy(out, layers, block_ids, to_pages=False)
     return out
 
 
 def scatter(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
     """Write every token of ``kv`` ([L, 2, H, T, D]) into the pages ``block_ids``."""
-    _check(kv, layers)
-    for first_token, first_block, n, last in _runs(block_ids, kv.shape[3], BLOCK_SIZE):
-        for i, layer in enumerate(layers):
-            k_dst, v_dst = _page_views(layer, first_block, n, last)
-            k_src, v_src = _interchange_views(kv, i, first_token, n, last)
-            k_dst.copy_(k_src)
-            v_dst.copy_(v_src)
+    _copy(kv, layers, block_ids, to_pages=True)

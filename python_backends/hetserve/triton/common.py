@@ -12,35 +12,30 @@ def input_tensor(request, name: str):
     return pb_utils.get_input_tensor_by_name(request, name)
 
 
-def input_str(request, name: str) -> str | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    values = tensor.as_numpy().reshape(-1)
-    if values.size != 1:
-        raise ValueError(f"{name} must hold exactly one string, got {values.size}")
-    value = values[0]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{name} is not valid UTF-8: {exc}") from None
-    return str(value)
-
-
-def input_bool(request, name: str) -> bool | None:
+def _single(request, name: str):
+    """The one value of an optional input, or None when it is absent."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
     values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
         raise ValueError(f"{name} must hold exactly one value, got {values.size}")
-    return bool(values[0])
+    return values[0]
 
 
-def input_ids(request, name: str) -> list[int] | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy().reshape(-1).tolist()
+def input_str(request, name: str) -> str | None:
+    value = _single(request, name)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name} is not valid UTF-8: {exc}") from None
+    return None if value is None else str(value)
+
+
+def input_bool(request, name: str) -> bool | None:
+    value = _single(request, name)
+    return None if value is None else bool(value)
 
 
 def string_tensor(name: str, *values: str):
@@ -56,8 +51,32 @@ def error_response(message: str, code=None):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
-def send_error(sender, message: str, code=None) -> None:
-    sender.send(error_response(message, code), flags=FINAL)
+class Responder:
+    """A request's response sender that remembers whether it sent the final response.
+
+    Asking a finished request whether it was cancelled crashes tritonserver 2.51
+    (a segfault in TRITONBACKEND_ResponseFactoryIsCancelled: the factory is
+    gone), so ``is_cancelled`` answers False without asking once it is final.
+    """
+
+    __slots__ = ("_sender", "finished")
+
+    def __init__(self, request):
+        self._sender = request.get_response_sender()
+        self.finished = False
+
+    def send(self, response=None, final: bool = False) -> None:
+        if self.finished:
+            raise RuntimeError("a response after the final one")
+        self.finished = final
+        self._sender.send(response, flags=FINAL if final else 0)
+
+    def is_cancelled(self) -> bool:
+        return not self.finished and self._sender.is_cancelled()
+
+
+def send_error(sender: Responder, message: str, code=None) -> None:
+    sender.send(error_response(message, code), final=True)
 
 
 def invalid_arg():

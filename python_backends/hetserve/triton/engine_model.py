@@ -2,9 +2,9 @@
 
 ``execute`` hands each request to the engine loop and returns. Every request
 ends with exactly one response flagged final, errors included. A request is
-aborted in the engine when its client cancels (``response_sender.is_cancelled``,
-polled) or when a ``cancel_request_id`` control request names it (the ``llm``
-BLS model's way to cancel: Triton 2.51 cannot cancel a BLS request).
+aborted in the engine when its client cancels (``response_sender.is_cancelled``)
+or when its id is marked on the server's CancelBoard (how the ``llm`` BLS model
+cancels), both polled.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from vllm.exceptions import VLLMClientError
 
 from hetserve import names
 from hetserve.engine import EngineLoop, load_engine_args, with_connector
+from hetserve.cancel import CancelBoard, check_request_id
 from hetserve.kv.buffers import BufferPool
 from hetserve.kv.format import TRITON_DTYPES
-from hetserve.triton.common import FINAL, cancelled, input_str, invalid_arg, send_error
+from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class EngineModel:
         self.pool = BufferPool(self.name, self.fingerprint.bytes_per_token * self.max_model_len)
         # engine request id -> response sender, None once aborted (loop thread only)
         self._active: dict[str, object | None] = {}
-        self._cancel_early: set[str] = set()
+        self._board = CancelBoard()
         self._watcher = self.engine.submit(self._watch_cancellations())
         logger.info("%s: ready; KV fingerprint %s", self.name, self.fingerprint.to_json())
 
@@ -76,21 +77,15 @@ class EngineModel:
 
     # Everything below runs on the engine loop.
     async def _dispatch(self, request) -> None:
-        sender = request.get_response_sender()
+        sender = Responder(request)
         try:
-            cancel_id = input_str(request, names.CANCEL_REQUEST_ID)
-            if cancel_id is not None:
-                await self._cancel(cancel_id)
-                sender.send(flags=FINAL)
-                return
-            request_id = input_str(request, names.REQUEST_ID) or uuid.uuid4().hex
+            request_id = check_request_id(input_str(request, names.REQUEST_ID) or uuid.uuid4().hex)
             if request_id in self._active:
                 raise ValueError(f"request_id {request_id!r} is already in flight")
         except ValueError as exc:
             send_error(sender, str(exc), invalid_arg())
             return
-        if request_id in self._cancel_early:
-            self._cancel_early.discard(request_id)
+        if request_id in self._board.cancelled():  # cancelled before it got here
             send_error(sender, "Request was cancelled", cancelled())
             return
         self._active[request_id] = sender
@@ -112,15 +107,6 @@ class EngineModel:
         logger.info("%s: aborted request %s (%s)", self.name, request_id, why)
         await self.engine.engine.abort(request_id)
 
-    async def _cancel(self, request_id: str) -> None:
-        if request_id in self._active:
-            if self._active[request_id] is not None:
-                await self._abort(request_id, "cancel_request_id")
-        else:  # the control request overtook the request it cancels
-            self._cancel_early.add(request_id)
-            if len(self._cancel_early) > 10_000:
-                self._cancel_early.pop()
-
     async def _watch_cancellations(self) -> None:
         # The sleeping frame must hold no response sender: destroying one after
         # the stub's shared memory is gone (at interpreter exit, through the
@@ -130,9 +116,20 @@ class EngineModel:
             await self._abort_cancelled()
 
     async def _abort_cancelled(self) -> None:
-        for request_id, sender in list(self._active.items()):
+        # Decide for all first, with no await in between: a request that
+        # finishes meanwhile must not be asked (see Responder).
+        marked = self._board.cancelled() if self._active else set()
+        to_abort = []
+        for request_id, sender in self._active.items():
             try:
-                if sender is not None and sender.is_cancelled():
-                    await self._abort(request_id, "its client cancelled")
+                if sender is None:
+                    continue
+                if request_id in marked:
+                    to_abort.append((request_id, "marked cancelled"))
+                elif sender.is_cancelled():
+                    to_abort.append((request_id, "its client cancelled"))
             except Exception:  # noqa: BLE001 - keep watching the others
                 logger.exception("%s: cancellation check failed for %s", self.name, request_id)
+        for request_id, why in to_abort:
+            if self._active.get(request_id) is not None:
+                await self._abort(request_id, why)

@@ -7,7 +7,8 @@ decode request's inputs (no copy here).
 Triton 2.51's BLS response iterator blocks on ``next``; it is driven from a
 thread pool so that one slow stream never stalls the others on the stub's
 event loop. A BLS request cannot be cancelled in 2.51, so a client's cancel is
-passed on as a ``cancel_request_id`` control request to the model holding it.
+marked on the server's CancelBoard, which prefill and decode poll; the model
+holding the request aborts it and answers with a cancellation error.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from hetserve import names
+from hetserve.cancel import CancelBoard
 from hetserve.triton.common import (
-    FINAL,
+    Responder,
     cancelled,
     ids_tensor,
     input_tensor,
@@ -70,6 +72,7 @@ def _output_str(response, name: str) -> str:
 
 class LLMModel:
     def __init__(self, args: dict[str, str]):
+        self._board = CancelBoard()
         self._threads = ThreadPoolExecutor(max_workers=512, thread_name_prefix="hetserve-bls")
         self._loop_ready = False
 
@@ -84,7 +87,7 @@ class LLMModel:
         gc.collect()  # free response senders while the stub can still release them
 
     async def _serve(self, request) -> None:
-        sender = request.get_response_sender()
+        sender = Responder(request)
         try:
             req = parse(request)
         except ValueError as exc:
@@ -102,6 +105,7 @@ class LLMModel:
         finally:
             flow.done = True
             watcher.cancel()
+            self._board.clear(flow.request_id)
 
     async def _generate(self, request, req: LLMRequest, sender, flow: _Flow) -> None:
         inputs = [
@@ -138,6 +142,10 @@ class LLMModel:
             if self._check(response) is None:
                 continue
             finish = _output_str(response, names.FINISH_REASON)
+            if finish == "abort":
+                raise RequestFailed("Request was cancelled", cancelled())
+            if finish == "error":
+                raise RequestFailed(_output_str(response, names.TEXT_OUTPUT))
             ids = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
             self._emit(req, sender, flow, ids, _output_str(response, names.TEXT_OUTPUT), finish, num_input)
         if not finish:
@@ -148,12 +156,12 @@ class LLMModel:
         flow.ids.extend(ids)
         flow.text.append(text)
         if req.stream:
-            sender.send(self._response(req, ids, text, finish, num_input), flags=FINAL if finish else 0)
+            sender.send(self._response(req, ids, text, finish, num_input), final=bool(finish))
         elif finish:
             full = "".join(flow.text)
             if req.prepend_input:
                 full = req.text + full
-            sender.send(self._response(req, flow.ids, full, finish, num_input), flags=FINAL)
+            sender.send(self._response(req, flow.ids, full, finish, num_input), final=True)
 
     @staticmethod
     def _response(req: LLMRequest, ids: list[int], text: str, finish: str, num_input: int):
@@ -188,12 +196,8 @@ class LLMModel:
         """Pass a client's cancellation on to the model that holds the request."""
         while not flow.done:
             await asyncio.sleep(CANCEL_POLL_S)
-            if not sender.is_cancelled():
-                continue
-            flow.cancelled = True
-            logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, flow.holder)
-            control = [string_tensor(names.CANCEL_REQUEST_ID, flow.request_id)]
-            responses = await self._responses(names.Model(flow.holder), control, [])
-            while await self._next(responses) is not None:
-                pass
-            return
+            if sender.is_cancelled():
+                flow.cancelled = True
+                self._board.cancel(flow.request_id)
+                logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, flow.holder)
+                return

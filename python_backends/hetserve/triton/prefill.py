@@ -17,7 +17,7 @@ from vllm.sampling_params import RequestOutputKind
 from hetserve import names
 from hetserve.connector_params import PARAMS_KEY, save_params
 from hetserve.sampling import decode_fields, parse_json, to_sampling_params
-from hetserve.triton.common import FINAL, cancelled, ids_tensor, input_str, send_error, string_tensor
+from hetserve.triton.common import cancelled, ids_tensor, input_str, send_error, string_tensor
 from hetserve.triton.engine_model import EngineModel
 
 
@@ -67,7 +67,7 @@ class PrefillModel(EngineModel):
             ]
             # send() copies the KV into Triton's shared memory before returning,
             # so the buffer is free again afterwards.
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), final=True)
         finally:
             (self.pool.release if finished else self.pool.discard)(buf)
 

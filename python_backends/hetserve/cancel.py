@@ -1,0 +1,47 @@
+"""Cancellation marks shared by the models of one server.
+
+When a client cancels, the ``llm`` BLS model must abort the request in the
+model that holds it (prefill or decode). Triton 2.51 cannot cancel a BLS
+request (``ResponseIterator.cancel`` came in 25.04). Rather than a second BLS
+round trip (a "cancel" control request, a blocked thread in the BLS stub), the
+mark travels beside Triton: an empty file per request id in a directory under
+/dev/shm that the engine models poll; the launcher removes it with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from hetserve.kv.buffers import PREFIX_ENV, SHM_DIR
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def check_request_id(request_id: str) -> str:
+    if not _SAFE_ID.fullmatch(request_id) or request_id in (".", ".."):
+        raise ValueError(f"request_id must be 1-128 characters of [A-Za-z0-9_.-], got {request_id!r}")
+    return request_id
+
+
+class CancelBoard:
+    def __init__(self, directory: str | None = None):
+        prefix = os.environ.get(PREFIX_ENV, "hetserve")
+        self.directory = directory or os.path.join(SHM_DIR, f"{prefix}-cancel")
+        os.makedirs(self.directory, exist_ok=True)
+
+    def cancel(self, request_id: str) -> None:
+        open(os.path.join(self.directory, check_request_id(request_id)), "wb").close()
+
+    def cancelled(self) -> set[str]:
+        """Every request id marked now (one directory read for all of them)."""
+        try:
+            return set(os.listdir(self.directory))
+        except FileNotFoundError:
+            return set()
+
+    def clear(self, request_id: str) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, check_request_id(request_id)))
+        except FileNotFoundError:
+            pass
