@@ -57,7 +57,7 @@ class _Flow:
     holder: str = names.Model.PREFILL.value
     cancelled: bool = False
     done: bool = False
-    text: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # non-streamed: kept for the final response
     ids: list[int] = field(default_factory=list)
 
 
@@ -153,11 +153,12 @@ class LLMModel:
 
     def _emit(self, req: LLMRequest, sender, flow: _Flow, ids: list[int], text: str, finish: str, num_input: int):
         """Stream a delta, or keep it until the final response."""
-        flow.ids.extend(ids)
-        flow.text.append(text)
         if req.stream:
             sender.send(self._response(req, ids, text, finish, num_input), final=bool(finish))
-        elif finish:
+            return
+        flow.ids.extend(ids)
+        flow.text.append(text)
+        if finish:
             full = "".join(flow.text)
             if req.prepend_input:
                 full = req.text + full
