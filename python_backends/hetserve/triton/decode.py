@@ -87,8 +87,7 @@ class DecodeModel(EngineModel):
                 self._send(sender, delta.token_ids, delta.text, finish)
                 progress.sent = True
                 if delta.stop_string is not None and not out.finished:
-                    self._active[request_id] = None
-                    await self.engine.engine.abort(request_id)  # a stop string ended it
+                    await self._abort(request_id, "stop string")
                     return
         except Exception as exc:
             if not progress.sent:
