@@ -53,6 +53,7 @@ def _main() -> None:
             "prompt_token_ids": list(o.prompt_token_ids),
             "token_ids": list(o.outputs[0].token_ids),
             "text": o.outputs[0].text,
+            "finish_reason": o.outputs[0].finish_reason,
             "kv_transfer_params": o.kv_transfer_params,
         }
         for o in outputs

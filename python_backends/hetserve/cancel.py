@@ -1,11 +1,13 @@
 """Cancellation marks shared by the models of one server.
 
-When a client cancels, the ``llm`` BLS model must abort the request in the
-model that holds it (prefill or decode). Triton 2.51 cannot cancel a BLS
+When a client cancels a request that ``llm`` has handed to ``prefill`` (a
+BLS request), the prefill model must abort it. Triton 2.51 cannot cancel a BLS
 request (``ResponseIterator.cancel`` came in 25.04). Rather than a second BLS
 round trip (a "cancel" control request, a blocked thread in the BLS stub), the
 mark travels beside Triton: an empty file per request id in a directory under
-/dev/shm that the engine models poll; the launcher removes it with the rest.
+/dev/shm that prefill polls; the launcher removes it with the rest. Requests in
+llm's own engine need none of this: llm holds the client's request and aborts
+them itself.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from hetserve.kv.buffers import PREFIX_ENV, SHM_DIR
+from hetserve import shm
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -26,8 +28,7 @@ def check_request_id(request_id: str) -> str:
 
 class CancelBoard:
     def __init__(self, directory: str | None = None):
-        prefix = os.environ.get(PREFIX_ENV, "hetserve")
-        self.directory = directory or os.path.join(SHM_DIR, f"{prefix}-cancel")
+        self.directory = directory or shm.path("cancel")
         os.makedirs(self.directory, exist_ok=True)
 
     def cancel(self, request_id: str) -> None:

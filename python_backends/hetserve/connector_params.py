@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hetserve.kv.buffers import ShmBuffer
+from hetserve.kv.slots import SlotRef
 
 PARAMS_KEY = "hetserve"
 
 
-def save_params(buf: ShmBuffer) -> dict[str, Any]:
-    """Producer: write the prompt's KV into ``buf``."""
-    return {PARAMS_KEY: {"save": buf.path, "nbytes": buf.nbytes}}
+def save_params(ref: SlotRef) -> dict[str, Any]:
+    """Producer: write the prompt's KV into the slot ``ref``, then stamp its nonce."""
+    return {PARAMS_KEY: {"slot": ref.path, "capacity": ref.capacity, "nonce": ref.nonce}}
 
 
-def load_params(buf: ShmBuffer, num_tokens: int) -> dict[str, Any]:
-    """Consumer: ``buf`` holds KV for the first ``num_tokens`` prompt tokens."""
-    return {PARAMS_KEY: {"load": buf.path, "nbytes": buf.nbytes, "num_tokens": num_tokens}}
+def load_params(ref: SlotRef, num_tokens: int) -> dict[str, Any]:
+    """Consumer: the slot ``ref`` holds KV for the first ``num_tokens`` prompt tokens."""
+    return {PARAMS_KEY: {"slot": ref.path, "capacity": ref.capacity, "nonce": ref.nonce, "num_tokens": num_tokens}}

@@ -16,6 +16,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from hetserve.checkpoint import resolve_model
 from hetserve.kv.format import ModelFingerprint
 
@@ -48,7 +50,7 @@ def with_connector(args: dict[str, Any], role: str) -> dict[str, Any]:
     if role == "kv_consumer" and args.get("enable_prefix_caching", True):
         # Loaded KV is trusted by token ids; a local prefix cache would let one
         # bad transfer poison later requests, and hits would skip the load.
-        logger.info("decode: prefix caching disabled (KV arrives with each request)")
+        logger.info("KV consumer: prefix caching disabled (KV arrives with each request)")
         args["enable_prefix_caching"] = False
     args["kv_transfer_config"] = KVTransferConfig(
         kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role=role
@@ -66,7 +68,29 @@ class EngineLoop:
         self.engine = self.run(self._create(engine_args))
         config = self.engine.vllm_config.model_config
         self.max_model_len: int = config.max_model_len
+        self.vocab_size: int = config.get_vocab_size()
         self.fingerprint = ModelFingerprint.from_hf_config(config.hf_config, config.dtype)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's token ids, as the engine itself would make them."""
+        ids = self.engine.get_tokenizer().encode(text, add_special_tokens=True)
+        return self.check_prompt_ids(np.asarray(ids, dtype=np.int64), "text_input")
+
+    def check_prompt_ids(self, ids: np.ndarray, name: str) -> list[int]:
+        """``ids`` as a list, once known to be a prompt this engine can continue."""
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"{name} must be a non-empty list of token ids, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got {ids.dtype}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the vocabulary [0, {self.vocab_size})")
+        if ids.size >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains {ids.size} input tokens, which leaves no room for output tokens ({name})."
+            )
+        return ids.tolist()
 
     @staticmethod
     async def _create(engine_args: dict[str, Any]):

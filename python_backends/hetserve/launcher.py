@@ -1,4 +1,4 @@
-"""``hetserve serve``: a real tritonserver with the three hetserve models.
+"""``hetserve serve``: a real tritonserver with the hetserve models (llm, prefill).
 
 The server binary and the python backend come from the ``nvidia-pytriton``
 wheel. The launcher assembles a backend directory, writes a run copy of the
@@ -29,13 +29,14 @@ from pathlib import Path
 
 from hetserve import names
 from hetserve.checkpoint import DEFAULT_MODEL, resolve_model
-from hetserve.kv.buffers import PREFIX_ENV, SHM_DIR
+from hetserve import shm
+from hetserve.shm import PREFIX_ENV, SHM_DIR
 from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-ENGINE_MODELS = (names.Model.PREFILL, names.Model.DECODE)
+ENGINE_MODELS = (names.Model.PREFILL, names.Model.LLM)
 MiB = 1 << 20
 
 
@@ -258,7 +259,7 @@ class Server:
     def __init__(self, options: ServeOptions):
         self.options = options
         tag = f"{os.getpid()}"
-        self.shm_prefixes = [f"hetserve-{tag}", f"triton_python_backend_hetserve_{tag}_"]
+        self.shm_prefixes = [shm.server_prefix(tag), shm.triton_region_prefix(tag)]
         self.workdir = Path(tempfile.mkdtemp(prefix="hetserve-serve-"))
         self.process: subprocess.Popen | None = None
         self.engine_shm: set[str] = set()

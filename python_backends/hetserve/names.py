@@ -1,7 +1,9 @@
 """Model and tensor names, defined once for the models, the client and the tests.
 
-The ``llm`` model speaks Triton's vLLM backend interface; ``prefill`` and
-``decode`` speak hetserve's internal one (the KV interchange as tensors).
+The ``llm`` model speaks Triton's vLLM backend interface (plus optional KV
+inputs, for a client that sends KV itself); ``prefill`` speaks hetserve's
+internal one: the prompt in, the first token and the KV (a reference to a slot,
+or the interchange tensor) out.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from enum import Enum
 class Model(str, Enum):
     LLM = "llm"
     PREFILL = "prefill"
-    DECODE = "decode"
 
 
 # Client-facing names (Triton vLLM backend).
@@ -35,8 +36,9 @@ OUTPUT_IDS = "output_ids"
 KV_CACHE = "kv_cache"
 KV_TOKEN_IDS = "kv_token_ids"
 KV_FINGERPRINT = "kv_fingerprint"
+KV_SLOT = "kv_slot"  # prefill input: the slot to write the KV into (slots.SlotRef JSON)
+KV_REF = "kv_ref"  # prefill output: what was written (JSON: num_tokens, copy times)
 INPUT_IDS = "input_ids"
-DECODE_PARAMETERS = "decode_parameters"
 REQUEST_ID = "request_id"
 
 
@@ -52,16 +54,24 @@ _KV_DIMS = (-1, -1, -1, -1, -1)  # [layers, 2, kv_heads, tokens, head_dim]
 # KV_DTYPE stands for the model's KV dtype; the launcher writes the real one.
 KV_DTYPE = "KV"
 
+_KV_INPUTS = (
+    TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS, optional=True),
+    TensorSpec(KV_TOKEN_IDS, "INT64", (-1,), optional=True),
+    TensorSpec(KV_FINGERPRINT, "STRING", (1,), optional=True),
+    TensorSpec(INPUT_IDS, "INT64", (-1,), optional=True),
+)
+
 IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
     Model.LLM: {
         "inputs": (
-            TensorSpec(TEXT_INPUT, "STRING", (1,)),
+            TensorSpec(TEXT_INPUT, "STRING", (1,), optional=True),
             TensorSpec(STREAM, "BOOL", (1,), optional=True),
             TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
             TensorSpec(EXCLUDE_INPUT_IN_OUTPUT, "BOOL", (1,), optional=True),
             TensorSpec(RETURN_FINISH_REASON, "BOOL", (1,), optional=True),
             TensorSpec(RETURN_NUM_INPUT_TOKENS, "BOOL", (1,), optional=True),
             TensorSpec(RETURN_NUM_OUTPUT_TOKENS, "BOOL", (1,), optional=True),
+            *_KV_INPUTS,  # KV a client sends itself: kv_token_ids + input_ids are the prompt
         ),
         "outputs": (
             TensorSpec(TEXT_OUTPUT, "STRING", (-1,)),
@@ -74,32 +84,18 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
     Model.PREFILL: {
         "inputs": (
             TensorSpec(TEXT_INPUT, "STRING", (1,), optional=True),
-            TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
-            TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
-        ),
-        "outputs": (
-            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),
-            TensorSpec(KV_TOKEN_IDS, "INT64", (-1,)),
-            TensorSpec(KV_FINGERPRINT, "STRING", (1,)),
-            TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
-            TensorSpec(TEXT_OUTPUT, "STRING", (1,)),
-            TensorSpec(FINISH_REASON, "STRING", (1,)),
-            TensorSpec(DECODE_PARAMETERS, "STRING", (1,)),
-        ),
-    },
-    Model.DECODE: {
-        "inputs": (
-            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS, optional=True),
-            TensorSpec(KV_TOKEN_IDS, "INT64", (-1,), optional=True),
-            TensorSpec(KV_FINGERPRINT, "STRING", (1,), optional=True),
             TensorSpec(INPUT_IDS, "INT64", (-1,), optional=True),
             TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
             TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
+            TensorSpec(KV_SLOT, "STRING", (1,), optional=True),
         ),
         "outputs": (
             TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
-            TensorSpec(TEXT_OUTPUT, "STRING", (1,)),
             TensorSpec(FINISH_REASON, "STRING", (1,)),
+            TensorSpec(KV_TOKEN_IDS, "INT64", (-1,)),
+            TensorSpec(KV_FINGERPRINT, "STRING", (1,)),
+            TensorSpec(KV_REF, "STRING", (1,)),
+            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),  # only without kv_slot (tensor transport)
         ),
     },
 }

@@ -1,8 +1,7 @@
 """Parsing ``sampling_parameters``: JSON of vLLM ``SamplingParams`` fields.
 
 vLLM's own ``SamplingParams`` validates values (it is the single source of
-truth); this module adds clear errors for what reaches it malformed, and derives
-the parameters of the two halves of a split request.
+truth); this module adds clear errors for what reaches it malformed.
 """
 
 from __future__ import annotations
@@ -44,6 +43,10 @@ def to_sampling_params(fields: dict[str, Any]):
         raise ValueError(f"invalid sampling_parameters: {exc}") from None
 
 
-def decode_fields(fields: dict[str, Any], max_tokens: int, min_tokens: int) -> dict[str, Any]:
-    """The client's fields for the decode half, which continues after one token."""
-    return {**fields, "max_tokens": max_tokens - 1, "min_tokens": max(min_tokens - 1, 0)}
+def after_first_token(params):
+    """The parameters for the rest of a generation whose first token came from prefill."""
+    rest = params.clone()
+    if rest.max_tokens is not None:
+        rest.max_tokens -= 1
+    rest.min_tokens = max(rest.min_tokens - 1, 0)
+    return rest

@@ -1,4 +1,4 @@
-"""Triton entry point of the `llm` model; the logic is in hetserve.triton.llm."""
+"""Triton entry point of the `llm` model (the decode tier); the logic is in hetserve.triton.llm."""
 
 import locale
 
@@ -15,8 +15,8 @@ class TritonPythonModel:
         setup_logging()
         self._model = LLMModel(args)
 
-    async def execute(self, requests):
-        await self._model.execute(requests)
+    def execute(self, requests):
+        self._model.execute(requests)  # responses are sent from the engine loop
 
     def finalize(self):
         self._model.finalize()

@@ -12,7 +12,7 @@ import torch
 
 from engine_runner import run_engine
 from hetserve.connector_params import save_params
-from hetserve.kv.buffers import BufferPool
+from hetserve.kv.slots import SlotPool
 from hetserve.kv.format import ModelFingerprint
 
 LENGTHS = [1, 127, 128, 129, 600]
@@ -23,9 +23,10 @@ def saved_kv(engine_args, tmp_path_factory):
     from transformers import AutoConfig
 
     fp = ModelFingerprint.from_hf_config(AutoConfig.from_pretrained(engine_args["model"]), "float32")
-    pool = BufferPool("test-engine", fp.bytes_per_token * 1024)
+    pool = SlotPool("test-engine")
     try:
-        buffers = [pool.acquire() for _ in LENGTHS]
+        slots = [pool.acquire(fp.bytes_per_token * n) for n in LENGTHS]
+        refs = [slot.lend() for slot in slots]
         # Token ids straight from the vocabulary, so lengths are exact.
         prompts = [[(7 * i + 3) % 2000 + 2 for i in range(n)] for n in LENGTHS]
         # A small token budget forces the 600-token prompt into several steps.
@@ -35,13 +36,14 @@ def saved_kv(engine_args, tmp_path_factory):
                 "engine_args": args,
                 "kv_role": "kv_producer",
                 "requests": [
-                    {"prompt_token_ids": ids, "sampling": {"max_tokens": 1, "temperature": 0}, "kv_transfer_params": save_params(buf)}
-                    for ids, buf in zip(prompts, buffers)
+                    {"prompt_token_ids": ids, "sampling": {"max_tokens": 1, "temperature": 0}, "kv_transfer_params": save_params(ref)}
+                    for ids, ref in zip(prompts, refs)
                 ],
             },
             tmp_path_factory.mktemp("engine"),
         )
-        saved = [buf.view(torch.float32, fp.kv_shape(len(ids))).clone() for ids, buf in zip(prompts, buffers)]
+        assert all(slot.complete(len(ids)) for ids, slot in zip(prompts, slots))  # stamped after the copy
+        saved = [slot.kv(torch.float32, fp.kv_shape(len(ids))).clone() for ids, slot in zip(prompts, slots)]
         yield prompts, outputs, saved
     finally:
         pool.close()

@@ -6,7 +6,7 @@ import os
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from hetserve import names
+from hetserve import names, shm
 from hetserve.launcher import ServeOptions, TritonInstall, assemble_backends, prepare_repository, remove_shm, server_command
 
 
@@ -28,8 +28,8 @@ def test_run_repository_adapts_to_a_cpu_machine(tmp_path, caplog, model_path):
     assert "no GPU is visible, placing it on KIND_CPU" in caplog.text
     # the default model is float32: 4 layers * 2 * 2 heads * 64 * 4 bytes per token
     assert largest == 2048 * 4 * 2 * 2 * 64 * 4
-    assert kv_type(prefill) == kv_type(config(repo, "decode")) == mc.TYPE_FP32
-    assert json.loads((repo / "decode" / "1" / "model.json").read_text())["model"] == str(model_path)
+    assert kv_type(prefill) == kv_type(config(repo, "llm")) == mc.TYPE_FP32
+    assert json.loads((repo / "llm" / "1" / "model.json").read_text())["model"] == str(model_path)
 
 
 def test_gpu_machine_keeps_the_gpu_placement(tmp_path, model_path):
@@ -49,7 +49,7 @@ def test_command_binds_loopback_and_sizes_shared_memory(tmp_path):
     assert sizes["shm-growth-byte-size"] >= 100 << 20
 
 
-def test_backend_directory_holds_python_and_the_three_backends(tmp_path):
+def test_backend_directory_holds_python_and_the_backends(tmp_path):
     root = assemble_backends(TritonInstall.find(), tmp_path / "backends")
     assert (root / "python" / "libtriton_python.so").is_file()
     assert os.access(root / "python" / "triton_python_backend_stub", os.X_OK)
@@ -58,11 +58,12 @@ def test_backend_directory_holds_python_and_the_three_backends(tmp_path):
 
 
 def test_remove_shm_removes_only_its_prefixes():
-    mine, other = "/dev/shm/hetserve-test-mine-1", "/dev/shm/hetserve-test-other-1"
+    # Server 123's prefix must not match server 1234's files.
+    mine, other = "/dev/shm/hetserve-123-slot-1", "/dev/shm/hetserve-1234-slot-1"
     for path in (mine, other):
         open(path, "wb").close()
     try:
-        assert remove_shm(["hetserve-test-mine"]) == [mine]
+        assert remove_shm([shm.server_prefix("123")]) == [mine]
         assert os.path.exists(other) and not os.path.exists(mine)
     finally:
         for path in (mine, other):
@@ -71,11 +72,13 @@ def test_remove_shm_removes_only_its_prefixes():
 
 
 def test_shm_mapped_by_finds_this_process_mappings():
-    from hetserve.kv.buffers import map_file
+    from hetserve.kv.slots import map_file
     from hetserve.launcher import shm_mapped_by
 
     path = f"/dev/shm/hetserve-test-mapped-{os.getpid()}"
     try:
+        with open(path, "wb") as f:
+            f.truncate(4096)
         mapping = map_file(path, 4096)
         assert path in shm_mapped_by(os.getpid())
         del mapping

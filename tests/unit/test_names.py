@@ -41,13 +41,20 @@ def test_config_matches_names(model):
 
 def test_placement_intent():
     assert load(names.Model.PREFILL).instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    assert load(names.Model.DECODE).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert load(names.Model.LLM).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
 def test_engines_agree_on_the_model():
-    prefill, decode = (json.loads((REPO / m / "1" / "model.json").read_text()) for m in ("prefill", "decode"))
+    prefill, llm = (json.loads((REPO / m / "1" / "model.json").read_text()) for m in ("prefill", "llm"))
     for key in ("model", "dtype", "max_model_len"):
-        assert prefill[key] == decode[key], key
+        assert prefill[key] == llm[key], key
+
+
+def test_llm_names_its_prefill_tier_and_transport():
+    params = {key: value.string_value for key, value in load(names.Model.LLM).parameters.items()}
+    assert params["prefill_model"] == names.Model.PREFILL.value
+    assert params["kv_transport"] in ("shm", "tensor")
+    assert int(params["remote_prefill_min_tokens"]) > 0
 
 
 def test_llm_speaks_the_vllm_backend_interface():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hetserve.sampling import decode_fields, parse_json, to_sampling_params
+from hetserve.sampling import after_first_token, parse_json, to_sampling_params
 
 
 @pytest.mark.parametrize("raw, message", [("{bad", "not valid JSON"), ("[1]", "JSON object"), (b"\xff", "not valid JSON")])
@@ -36,7 +36,8 @@ def test_valid_fields_reach_vllm():
     assert (params.max_tokens, params.temperature, params.ignore_eos, params.stop) == (7, 0, True, ["x"])
 
 
-def test_decode_half_continues_after_one_token():
-    fields = {"max_tokens": 10, "min_tokens": 3, "temperature": 0}
-    assert decode_fields(fields, 10, 3) == {"max_tokens": 9, "min_tokens": 2, "temperature": 0}
-    assert decode_fields({}, 16, 0)["min_tokens"] == 0
+def test_the_rest_continues_after_one_token():
+    rest = after_first_token(to_sampling_params({"max_tokens": 10, "min_tokens": 3, "temperature": 0}))
+    assert (rest.max_tokens, rest.min_tokens, rest.temperature) == (9, 2, 0)
+    assert after_first_token(to_sampling_params({"max_tokens": None})).max_tokens is None
+    assert after_first_token(to_sampling_params({})).min_tokens == 0

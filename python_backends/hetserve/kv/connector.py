@@ -1,22 +1,27 @@
-"""HetserveConnector: vLLM v1 KV connector between the paged cache and KV buffers.
+"""HetserveConnector: vLLM v1 KV connector between the paged cache and KV slots.
 
 Contract (which side calls what):
 
 * The caller (a Triton model) puts ``{"hetserve": {...}}`` into
-  ``SamplingParams.extra_args["kv_transfer_params"]``:
-  - producer (prefill): ``{"save": PATH, "nbytes": N}``: when the prompt is
-    complete, write its KV for *every* prompt token into the buffer at PATH in
-    the interchange layout ``[L, 2, H, T, D]``;
-  - consumer (decode): ``{"load": PATH, "nbytes": N, "num_tokens": T}``: the
-    buffer at PATH holds KV for the first T prompt tokens; put it into the
-    paged cache instead of computing it.
+  ``SamplingParams.extra_args["kv_transfer_params"]`` (connector_params.py):
+  - producer (prefill): ``{"slot": PATH, "capacity": N, "nonce": X}``: when the
+    prompt is complete, write its KV for *every* prompt token into the slot at
+    PATH in the interchange layout ``[L, 2, H, T, D]``, then stamp X into the
+    slot's header (the reader's proof that the KV is complete);
+  - consumer (llm): ``{"slot": PATH, "capacity": N, "nonce": X,
+    "num_tokens": T}``: the slot holds KV for the first T prompt tokens; put
+    it into the paged cache instead of computing it.
 * Scheduler side (EngineCore process): decides what to move and in which
   blocks; ``request_finished`` returns ``{"hetserve": {"num_tokens": T}}`` for
   a saved request, which reaches the caller as ``RequestOutput.kv_transfer_params``.
 * Worker side (the process that owns the paged cache): does the copies, once
   per KV byte, synchronously (a load before the forward pass, a save after it).
+  A failed copy never raises into vLLM (that would kill the engine): a failed
+  load reports the request's blocks (``get_block_ids_with_load_errors``), and
+  vLLM fails that request alone; a failed save leaves the slot unstamped, and
+  the caller sees it.
 
-The caller owns the buffers; the engine only maps them by name. A consumer
+The caller owns the slots; the engine only maps them by name. A consumer
 loads a request's KV at most once: after a preemption vLLM recomputes it.
 """
 
@@ -35,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from hetserve.kv import cpu_attn
-from hetserve.kv.buffers import MappingCache, view_as
+from hetserve.kv.slots import Field, MappingCache, SlotError, header, kv_view, now_ns
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,9 +49,9 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger(__name__)
-
 from hetserve.connector_params import PARAMS_KEY
+
+logger = logging.getLogger(__name__)
 
 
 def transfer_params(request: "Request") -> dict[str, Any] | None:
@@ -56,12 +61,13 @@ def transfer_params(request: "Request") -> dict[str, Any] | None:
 
 @dataclass(slots=True)
 class TransferSpec:
-    """One request's KV move between a buffer and the paged cache."""
+    """One request's KV move between a slot and the paged cache."""
 
     req_id: str
     path: str
-    nbytes: int
-    num_tokens: int  # tokens the buffer holds: fixes its [L, 2, H, T, D] layout
+    capacity: int
+    nonce: int
+    num_tokens: int  # tokens the slot holds: fixes its [L, 2, H, T, D] layout
     count: int  # leading tokens to move
     block_ids: list[int] = field(default_factory=list)
 
@@ -92,19 +98,20 @@ class HetserveConnector(KVConnectorBase_V1):
         # Worker side.
         self._layers: list[torch.Tensor] = []
         self._maps = MappingCache()
+        self._load_errors: set[int] = set()
 
     # ---------------------------------------------------------------- scheduler
 
     def on_new_request(self, request: "Request") -> None:
         params = transfer_params(request)
-        if self._producer and params and "save" in params:
+        if self._producer and params and "slot" in params:
             n = request.num_prompt_tokens
-            spec = TransferSpec(request.request_id, params["save"], int(params["nbytes"]), n, n)
+            spec = TransferSpec(request.request_id, params["slot"], int(params["capacity"]), int(params["nonce"]), n, n)
             self._saving[request.request_id] = _Saving(spec)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         params = transfer_params(request)
-        if not (self._consumer and params and "load" in params) or request.request_id in self._loaded:
+        if not (self._consumer and params and "num_tokens" in params) or request.request_id in self._loaded:
             return 0, False
         if num_computed_tokens:
             # Only the whole prompt is loaded; with local hits, recompute instead.
@@ -119,7 +126,12 @@ class HetserveConnector(KVConnectorBase_V1):
             return
         params = transfer_params(request)
         self._to_load[request.request_id] = TransferSpec(
-            request.request_id, params["load"], int(params["nbytes"]), int(params["num_tokens"]), num_external_tokens
+            request.request_id,
+            params["slot"],
+            int(params["capacity"]),
+            int(params["nonce"]),
+            int(params["num_tokens"]),
+            num_external_tokens,
         )
         self._loaded.add(request.request_id)
 
@@ -175,17 +187,31 @@ class HetserveConnector(KVConnectorBase_V1):
         if len(shape) != 4 or shape[2] != cpu_attn.BLOCK_SIZE:
             raise ValueError(f"HetserveConnector supports the CPU_ATTN layout with block size 128, got {shape}")
 
-    def _interchange(self, spec: TransferSpec) -> torch.Tensor:
+    def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's header and its KV's first ``spec.count`` tokens."""
         layer = self._layers[0]
         shape = (len(self._layers), 2, layer.shape[1], spec.num_tokens, layer.shape[3] // 2)
-        kv = view_as(self._maps.get(spec.path, spec.nbytes), layer.dtype, shape)
-        return kv[:, :, :, : spec.count]
+        flat = self._maps.get(spec.path, spec.capacity)
+        return header(flat), kv_view(flat, layer.dtype, shape)[:, :, :, : spec.count]
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.loads:
-            cpu_attn.scatter(self._interchange(spec), self._layers, spec.block_ids)
+            try:
+                head, kv = self._slot(spec)
+                if int(head[Field.NONCE]) != spec.nonce or int(head[Field.NUM_TOKENS]) < spec.num_tokens:
+                    raise SlotError(f"slot {spec.path} does not hold this request's KV")
+                head[Field.SCATTER_START_NS] = now_ns()
+                cpu_attn.scatter(kv, self._layers, spec.block_ids)
+                head[Field.SCATTER_END_NS] = now_ns()
+            except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
+                logger.warning("KV load for request %s failed: %s", spec.req_id, exc)
+                self._load_errors.update(spec.block_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._load_errors = self._load_errors, set()
+        return failed
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -197,4 +223,13 @@ class HetserveConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.saves:
-            cpu_attn.gather(self._layers, spec.block_ids, self._interchange(spec))
+            try:
+                head, kv = self._slot(spec)
+                start = now_ns()
+                cpu_attn.gather(self._layers, spec.block_ids, kv)
+                head[Field.GATHER_START_NS] = start
+                head[Field.GATHER_END_NS] = now_ns()
+                head[Field.NUM_TOKENS] = spec.num_tokens
+                head[Field.NONCE] = spec.nonce  # last: the KV is complete
+            except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
+                logger.warning("KV save for request %s failed: %s", spec.req_id, exc)

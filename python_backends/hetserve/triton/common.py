@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -38,6 +40,12 @@ def input_bool(request, name: str) -> bool | None:
     return None if value is None else bool(value)
 
 
+def input_ids(request, name: str) -> np.ndarray | None:
+    """A 1-D INT64 input (token ids), or None when absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
 def string_tensor(name: str, *values: str):
     return pb_utils.Tensor(name, np.array([v.encode("utf-8") for v in values], dtype=np.object_))
 
@@ -70,6 +78,17 @@ class Responder:
             raise RuntimeError("a response after the final one")
         self.finished = final
         self._sender.send(response, flags=FINAL if final else 0)
+
+    async def send_final_off_loop(self, response) -> None:
+        """Send a KV-sized final response from a worker thread.
+
+        ``send`` copies the tensors into shared memory; for a KV that takes
+        milliseconds, which must not stall the other requests on the loop.
+        """
+        if self.finished:
+            raise RuntimeError("a response after the final one")
+        self.finished = True  # before the thread starts: is_cancelled must not ask any more
+        await asyncio.to_thread(self._sender.send, response, flags=FINAL)
 
     def is_cancelled(self) -> bool:
         return not self.finished and self._sender.is_cancelled()

@@ -1,10 +1,11 @@
-"""What the prefill and decode models share: a vLLM engine serving Triton requests.
+"""What the llm and prefill models share: a vLLM engine serving Triton requests.
 
-``execute`` hands each request to the engine loop and returns. Every request
-ends with exactly one response flagged final, errors included. A request is
-aborted in the engine when its client cancels (``response_sender.is_cancelled``)
-or when its id is marked on the server's CancelBoard (how the ``llm`` BLS model
-cancels), both polled.
+``execute`` hands each request to the engine loop and returns (as Triton's
+vLLM backend does). Every request ends with exactly one response flagged
+final, errors included. A watcher polls every request in flight for its
+client's cancellation (``response_sender.is_cancelled``) and, where the model
+reads one, the server's CancelBoard (how ``llm`` cancels a BLS request to
+prefill: Triton 2.51 cannot), and aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import gc
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm.exceptions import VLLMClientError
 
 from hetserve import names
-from hetserve.engine import EngineLoop, load_engine_args, with_connector
 from hetserve.cancel import CancelBoard, check_request_id
-from hetserve.kv.buffers import BufferPool
+from hetserve.engine import EngineLoop, load_engine_args, with_connector
 from hetserve.kv.format import TRITON_DTYPES
+from hetserve.kv.slots import SlotPool
 from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error
 
 logger = logging.getLogger(__name__)
@@ -30,11 +32,35 @@ logger = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05
 
 
+class RequestFailed(Exception):
+    """End the request with this message and Triton error code."""
+
+    def __init__(self, message: str, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+def cancellation() -> RequestFailed:
+    return RequestFailed("Request was cancelled", cancelled())
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """One request in flight, as the cancellation watcher sees it."""
+
+    request_id: str
+    sender: Responder
+    cancelled: bool = False
+    in_engine: bool = False  # the engine holds it: a cancel aborts it there
+    aborted: bool = False
+
+
 class EngineModel:
-    """Base of PrefillModel and DecodeModel; subclasses implement ``handle``."""
+    """Base of LLMModel and PrefillModel; subclasses implement ``handle``."""
 
     kv_role: str = ""
     name: str = ""
+    reads_cancel_board: bool = False
 
     def __init__(self, args: dict[str, str]):
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
@@ -43,17 +69,20 @@ class EngineModel:
         self.engine = EngineLoop(engine_args, name=f"hetserve-{self.name}")
         self.fingerprint = self.engine.fingerprint
         self.max_model_len = self.engine.max_model_len
-        self._check_kv_type(json.loads(args["model_config"]))
-        # One buffer holds the largest KV this model accepts.
-        self.pool = BufferPool(self.name, self.fingerprint.bytes_per_token * self.max_model_len)
-        # engine request id -> response sender, None once aborted (loop thread only)
-        self._active: dict[str, object | None] = {}
-        self._board = CancelBoard()
+        self.config = json.loads(args["model_config"])
+        self._check_kv_type()
+        self.slots = SlotPool(self.name)
+        self._active: dict[str, Flow] = {}  # engine loop only
+        self.board = CancelBoard()
         self._watcher = self.engine.submit(self._watch_cancellations())
         logger.info("%s: ready; KV fingerprint %s", self.name, self.fingerprint.to_json())
 
-    def _check_kv_type(self, config: dict) -> None:
-        tensors = [*config.get("input", []), *config.get("output", [])]
+    def parameter(self, key: str, default: str) -> str:
+        """A ``parameters`` entry of config.pbtxt."""
+        return self.config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+    def _check_kv_type(self) -> None:
+        tensors = [*self.config.get("input", []), *self.config.get("output", [])]
         declared = {t["name"]: t["data_type"] for t in tensors}.get(names.KV_CACHE)
         wanted = "TYPE_" + TRITON_DTYPES[self.fingerprint.torch_dtype]
         if declared != wanted:
@@ -71,7 +100,7 @@ class EngineModel:
     def finalize(self) -> None:
         self._watcher.cancel()
         self.engine.shutdown()
-        self.pool.close()
+        self.slots.close()
         self._watcher = None
         gc.collect()  # release Triton objects while the stub can still free them
 
@@ -85,12 +114,14 @@ class EngineModel:
         except ValueError as exc:
             send_error(sender, str(exc), invalid_arg())
             return
-        if request_id in self._board.cancelled():  # cancelled before it got here
+        if self.reads_cancel_board and request_id in self.board.cancelled():  # cancelled before it got here
             send_error(sender, "Request was cancelled", cancelled())
             return
-        self._active[request_id] = sender
+        flow = self._active[request_id] = Flow(request_id, sender)
         try:
-            await self.handle(request, sender, request_id)
+            await self.handle(request, flow)
+        except RequestFailed as exc:
+            send_error(sender, str(exc), exc.code)
         except (ValueError, VLLMClientError) as exc:  # the request was bad: say what
             send_error(sender, f"{self.name}: {exc}", invalid_arg())
         except Exception as exc:  # noqa: BLE001 - every request gets an answer
@@ -99,13 +130,20 @@ class EngineModel:
         finally:
             self._active.pop(request_id, None)
 
-    async def handle(self, request, sender, request_id: str) -> None:
+    async def handle(self, request, flow: Flow) -> None:
         raise NotImplementedError
 
-    async def _abort(self, request_id: str, why: str) -> None:
-        self._active[request_id] = None  # abort once
-        logger.info("%s: aborted request %s (%s)", self.name, request_id, why)
-        await self.engine.engine.abort(request_id)
+    async def abort(self, flow: Flow, why: str) -> None:
+        """Abort ``flow`` in the engine, once."""
+        if flow.aborted:
+            return
+        flow.aborted = True
+        logger.info("%s: aborted request %s (%s)", self.name, flow.request_id, why)
+        await self.engine.engine.abort(flow.request_id)
+
+    async def on_cancelled(self, flow: Flow, why: str) -> None:
+        if flow.in_engine:
+            await self.abort(flow, why)
 
     async def _watch_cancellations(self) -> None:
         # The sleeping frame must hold no response sender: destroying one after
@@ -113,23 +151,23 @@ class EngineModel:
         # cancelled task's traceback) segfaults the stub.
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
-            await self._abort_cancelled()
+            await self._cancel_marked()
 
-    async def _abort_cancelled(self) -> None:
+    async def _cancel_marked(self) -> None:
         # Decide for all first, with no await in between: a request that
         # finishes meanwhile must not be asked (see Responder).
-        marked = self._board.cancelled() if self._active else set()
-        to_abort = []
-        for request_id, sender in self._active.items():
+        marked = self.board.cancelled() if self.reads_cancel_board and self._active else set()
+        found = []
+        for flow in self._active.values():
             try:
-                if sender is None:
+                if flow.cancelled:
                     continue
-                if request_id in marked:
-                    to_abort.append((request_id, "marked cancelled"))
-                elif sender.is_cancelled():
-                    to_abort.append((request_id, "its client cancelled"))
+                if flow.request_id in marked:
+                    found.append((flow, "marked cancelled"))
+                elif flow.sender.is_cancelled():
+                    found.append((flow, "its client cancelled"))
             except Exception:  # noqa: BLE001 - keep watching the others
-                logger.exception("%s: cancellation check failed for %s", self.name, request_id)
-        for request_id, why in to_abort:
-            if self._active.get(request_id) is not None:
-                await self._abort(request_id, why)
+                logger.exception("%s: cancellation check failed for %s", self.name, flow.request_id)
+        for flow, why in found:
+            flow.cancelled = True
+            await self.on_cancelled(flow, why)

@@ -1,204 +1,341 @@
-"""The ``llm`` BLS model: prefill, then decode, streamed back to the client.
+"""The ``llm`` model: the decode tier, speaking Triton's vLLM backend interface.
 
-It imports neither torch nor vLLM. The KV travels as the prefill response's
-output tensors, which live in this stub's shared memory, straight into the
-decode request's inputs (no copy here).
+It hosts the decode engine (vLLM with HetserveConnector as KV consumer) and
+streams that engine's tokens straight to the client: one Python hop per token,
+as in Triton's vLLM backend. Where the prompt is prefilled is decided per
+request:
 
-Triton 2.51's BLS response iterator blocks on ``next``; it is driven from a
-thread pool so that one slow stream never stalls the others on the stub's
-event loop. A BLS request cannot be cancelled in 2.51, so a client's cancel is
-marked on the server's CancelBoard, which prefill and decode poll; the model
-holding the request aborts it and answers with a cancellation error.
+* a prompt shorter than ``remote_prefill_min_tokens`` (config.pbtxt parameter)
+  is prefilled by this engine: no transfer;
+* a longer one is prefilled by the ``prefill`` model (a BLS request): on the
+  same host (``kv_transport: shm``) llm lends it a slot of its own, prefill's
+  vLLM worker writes the KV into it and llm's worker reads it into the paged
+  cache — two copies, no KV byte through a stub or the server; with
+  ``kv_transport: tensor`` the KV comes back as the interchange tensor and
+  this stub copies it into a slot (off the event loop);
+* a client may send the KV itself (``kv_cache``, ``kv_token_ids``,
+  ``kv_fingerprint``, ``input_ids``): checked, copied into a slot, loaded.
+
+If the prefill model fails (not the request's own fault), llm prefills locally:
+the client sees a slower first token, not an error. Prefill's first token is
+the client's first token; the engine then continues from the loaded KV.
+Cancellation: a request in this engine is aborted here; one still in prefill
+is marked on the CancelBoard, which prefill polls (a BLS request cannot be
+cancelled in Triton 2.51).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import json
 import logging
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
-from hetserve.cancel import CancelBoard
-from hetserve.triton.common import (
-    Responder,
-    cancelled,
-    ids_tensor,
-    input_tensor,
-    invalid_arg,
-    send_error,
-    string_tensor,
-)
-from hetserve.triton.llm_request import LLMRequest, parse
+from hetserve.connector_params import load_params
+from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
+from hetserve.kv.slots import Field, Slot, SlotRef, now_ns
+from hetserve.sampling import after_first_token, parse_json, to_sampling_params
+from hetserve.text import Continuation, engine_params
+from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
+from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
+from hetserve.triton.llm_request import LLMRequest, client_kv, parse
+from hetserve.triton.metrics import KVMetrics
 
 logger = logging.getLogger(__name__)
 
-CANCEL_POLL_S = 0.05
+ABORT, ERROR, STOP, LENGTH = "abort", "error", "stop", "length"
 _PREFILL_OUTPUTS = [spec.name for spec in names.IO[names.Model.PREFILL]["outputs"]]
-_DECODE_OUTPUTS = [spec.name for spec in names.IO[names.Model.DECODE]["outputs"]]
 
 
-class RequestFailed(Exception):
-    def __init__(self, message: str, code=None):
-        super().__init__(message)
-        self.code = code
+class Transport(str, Enum):
+    SHM = "shm"  # a slot lent to prefill on this host
+    TENSOR = "tensor"  # the interchange tensor through Triton
+    CLIENT = "client"  # KV the client sent
+
+
+class PrefillUnavailable(Exception):
+    """The prefill tier failed a request through no fault of the request."""
 
 
 @dataclass(slots=True)
-class _Flow:
-    """One client request's progress, shared with its cancellation watcher."""
+class Handoff:
+    """A slot of this model's that holds a prompt's KV, until the engine has read it."""
 
-    request_id: str
-    holder: str = names.Model.PREFILL.value
-    cancelled: bool = False
-    done: bool = False
-    text: list[str] = field(default_factory=list)  # non-streamed: kept for the final response
+    slot: Slot
+    ref: SlotRef
+    num_tokens: int
+    transport: Transport
+    gather_ns: tuple[int, int] | None
+    loaded: bool = False
+
+
+@dataclass(slots=True)
+class _Output:
+    """What the client has been sent, and (not streaming) what is kept for the end."""
+
+    req: LLMRequest
+    num_input: int
     ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class LLMModel(EngineModel):
+    kv_role = "kv_consumer"
+    name = "llm"
+
+    def __init__(self, args: dict[str, str]):
+        super().__init__(args)
+        self.prefill_model = self.parameter("prefill_model", names.Model.PREFILL.value)
+        self.remote_min_tokens = int(self.parameter("remote_prefill_min_tokens", "32"))
+        self.transport = Transport(self.parameter("kv_transport", Transport.SHM.value))
+        self.metrics = KVMetrics(self.name)
+        # BLS calls (async_exec) and their blocking response iterators wait in
+        # the loop's default executor: one thread per request in prefill.
+        self._threads = ThreadPoolExecutor(max_workers=512, thread_name_prefix="hetserve-bls")
+        self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
+        logger.info(
+            "llm: prompts of >= %d tokens are prefilled by %r (KV transport %s), shorter ones here",
+            self.remote_min_tokens, self.prefill_model, self.transport.value,
+        )
+
+    def finalize(self) -> None:
+        super().finalize()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def on_cancelled(self, flow: Flow, why: str) -> None:
+        if flow.in_engine:
+            await self.abort(flow, why)
+        else:  # in prefill, or about to be: prefill polls the board
+            self.board.cancel(flow.request_id)
+            logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, self.prefill_model)
+
+    async def handle(self, request, flow: Flow) -> None:
+        req = parse(request)
+        params = to_sampling_params(parse_json(req.sampling_parameters))
+        tokenizer = self.engine.engine.get_tokenizer()
+        try:
+            sent = client_kv(request, self.fingerprint, self.max_model_len - 2, self.engine.check_prompt_ids)
+            if sent is not None:
+                out = _Output(req, len(sent.kv_ids))
+                text = Continuation(tokenizer, flow.request_id, sent.kv_ids, sent.new_ids, params)
+                handoff = await self._to_slot(sent.kv, len(sent.kv_ids), Transport.CLIENT, None)
+                await self._generate(flow, out, params, sent.kv_ids + sent.new_ids, text, handoff)
+                return
+            if req.text is None:
+                raise ValueError("text_input is missing")
+            ids = self.engine.tokenize(req.text)
+            out = _Output(req, len(ids))
+            text = Continuation(tokenizer, flow.request_id, ids, [], params)
+            if len(ids) >= self.remote_min_tokens:
+                try:
+                    first, finish, handoff = await self._prefill(flow, req, ids)
+                except PrefillUnavailable as exc:
+                    logger.warning("llm: %s; prefilling request %s locally", exc, flow.request_id)
+                else:
+                    await self._continue(flow, out, params, ids, text, first, finish, handoff)
+                    return
+            await self._generate(flow, out, params, ids, text, None)
+        finally:
+            self.board.clear(flow.request_id)
+
+    async def _continue(self, flow, out, params, ids, text, first: list[int], finish: str, handoff: Handoff):
+        """Send prefill's token; unless it ends the generation, decode from the KV."""
+        try:
+            delta = text.update(first, finish == STOP, False)
+            if delta.stop_string is not None:
+                finish = STOP
+            elif not finish and (params.max_tokens == 1 or len(ids) + 1 >= self.max_model_len):
+                finish = LENGTH
+            self._emit(flow, out, delta.token_ids, delta.text, finish)
+            if finish:
+                return
+            if flow.cancelled:
+                raise cancellation()
+            await self._generate(flow, out, after_first_token(params), ids + first, text, handoff)
+        finally:
+            if not handoff.loaded:  # decode never started: nobody read the slot
+                handoff.loaded = True
+                if finish:
+                    self.slots.release(handoff.slot)
+                else:
+                    self.slots.discard(handoff.slot)
+
+    async def _generate(self, flow, out, params: SamplingParams, prompt: list[int], text: Continuation, handoff):
+        """Stream this engine's tokens for ``prompt`` (its KV in ``handoff`` if given)."""
+        engine = engine_params(params)
+        engine.output_kind = RequestOutputKind.DELTA
+        if handoff is not None:
+            engine.extra_args = {"kv_transfer_params": load_params(handoff.ref, handoff.num_tokens)}
+        flow.in_engine = True
+        if flow.cancelled:
+            raise cancellation()
+        try:
+            async for output in self.engine.engine.generate(TokensPrompt(prompt_token_ids=prompt), engine, flow.request_id):
+                if handoff is not None and not handoff.loaded:
+                    self._loaded(handoff)
+                completion = output.outputs[0]
+                if completion.finish_reason == ABORT or (flow.cancelled and not output.finished):
+                    await self.abort(flow, "its client cancelled")
+                    raise cancellation()
+                if completion.finish_reason == ERROR:
+                    raise RequestFailed(f"llm: the engine failed request {flow.request_id} (KV load failed?)")
+                delta = text.update(list(completion.token_ids), completion.finish_reason == STOP, output.finished)
+                finish = STOP if delta.stop_string is not None else completion.finish_reason or ""
+                self._emit(flow, out, delta.token_ids, delta.text, finish)
+                if finish:
+                    if not output.finished:
+                        await self.abort(flow, "stop string")
+                    return
+            raise RequestFailed("llm: the engine ended the request without a finish reason")
+        finally:
+            if handoff is not None and not handoff.loaded:
+                self.slots.discard(handoff.slot)  # the worker may still read it
+                handoff.loaded = True
+
+    def _loaded(self, handoff: Handoff) -> None:
+        """The step that read the KV has run: record it, reuse the slot."""
+        handoff.loaded = True
+        head = handoff.slot.header
+        scatter = (int(head[Field.SCATTER_START_NS]), int(head[Field.SCATTER_END_NS]))
+        nbytes = self.fingerprint.bytes_per_token * handoff.num_tokens
+        self.slots.release(handoff.slot)
+        if scatter[0]:
+            self.metrics.record(handoff.transport.value, nbytes, handoff.gather_ns, scatter)
+
+    # ------------------------------------------------------------ remote prefill
+
+    async def _prefill(self, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, Handoff]:
+        inputs = [
+            ids_tensor(names.INPUT_IDS, ids),
+            string_tensor(names.SAMPLING_PARAMETERS, req.sampling_parameters),
+            string_tensor(names.REQUEST_ID, flow.request_id),
+        ]
+        slot = None
+        if self.transport is Transport.SHM:
+            slot = self.slots.acquire(self.fingerprint.bytes_per_token * len(ids))
+            ref = slot.lend()
+            inputs.append(string_tensor(names.KV_SLOT, ref.to_json()))
+        try:
+            response = await self._call_prefill(inputs)
+            if flow.cancelled:
+                raise cancellation()
+            first = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
+            finish = _output_str(response, names.FINISH_REASON)
+            kv_ref = json.loads(_output_str(response, names.KV_REF))
+            gather = (int(kv_ref["gather_start_ns"]), int(kv_ref["gather_end_ns"]))
+            self._check_prefilled(response, ids)
+            if slot is None:
+                kv = torch.from_dlpack(_output(response, names.KV_CACHE).to_dlpack())
+                validate_kv(self.fingerprint, self.fingerprint, kv, torch.as_tensor(ids), self.max_model_len)
+                handoff = await self._to_slot(kv, len(ids), Transport.TENSOR, gather)
+            else:
+                if not slot.complete(len(ids)):
+                    raise PrefillUnavailable(f"{self.prefill_model} answered without writing the KV slot")
+                handoff = Handoff(slot, ref, len(ids), Transport.SHM, gather)
+            return first, finish, handoff
+        except BaseException:
+            if slot is not None:
+                self.slots.discard(slot)  # prefill's worker may still write it
+            raise
+
+    def _check_prefilled(self, response, ids: list[int]) -> None:
+        fingerprint = ModelFingerprint.from_json(_output_str(response, names.KV_FINGERPRINT))
+        if fingerprint != self.fingerprint:
+            raise KVMismatchError(
+                f"{self.prefill_model} serves another model: KV fingerprint {fingerprint.to_json()}, "
+                f"this model's {self.fingerprint.to_json()}"
+            )
+        if not np.array_equal(_output(response, names.KV_TOKEN_IDS).as_numpy().reshape(-1), ids):
+            raise PrefillUnavailable(f"{self.prefill_model} returned KV for other tokens")
+
+    async def _call_prefill(self, inputs):
+        """The one response of a BLS request to prefill; errors say whose fault."""
+        request = pb_utils.InferenceRequest(
+            model_name=self.prefill_model, inputs=inputs, requested_output_names=_PREFILL_OUTPUTS
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            responses = await request.async_exec(decoupled=True)
+        except pb_utils.TritonModelException as exc:
+            raise PrefillUnavailable(f"{self.prefill_model} is unavailable: {exc}") from None
+        found = None
+        # The iterator's next() blocks: it waits in the default executor.
+        while (response := await loop.run_in_executor(None, next, responses, None)) is not None:
+            if response.has_error():
+                error = response.error()
+                code = error.code() if hasattr(error, "code") else None
+                if code == invalid_arg():
+                    raise RequestFailed(error.message(), code)
+                if code == cancelled():
+                    raise cancellation()
+                raise PrefillUnavailable(f"{self.prefill_model} failed: {error.message()}")
+            if response.output_tensors():
+                found = response
+        if found is None:
+            raise PrefillUnavailable(f"{self.prefill_model} returned no output")
+        return found
+
+    async def _to_slot(self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather) -> Handoff:
+        """Copy KV held by a Triton tensor into a slot, off the event loop."""
+        slot = self.slots.acquire(kv.numel() * kv.element_size())
+        ref = slot.lend()
+
+        def copy() -> None:
+            slot.kv(kv.dtype, tuple(kv.shape)).copy_(kv)
+            slot.stamp_written(num_tokens)
+
+        try:
+            start = now_ns()
+            await asyncio.to_thread(copy)
+        except BaseException:
+            self.slots.discard(slot)
+            raise
+        return Handoff(slot, ref, num_tokens, transport, gather or (start, now_ns()))
+
+    # ---------------------------------------------------------------- responses
+
+    def _emit(self, flow: Flow, out: _Output, ids: list[int], text: str, finish: str) -> None:
+        """Stream a delta, or keep it until the final response."""
+        if out.req.stream:
+            flow.sender.send(self._response(out, ids, text, finish), final=bool(finish))
+            return
+        out.ids.extend(ids)
+        out.text.append(text)
+        if finish:
+            full = "".join(out.text)
+            if out.req.prepend_input and out.req.text:
+                full = out.req.text + full
+            flow.sender.send(self._response(out, out.ids, full, finish), final=True)
+
+    @staticmethod
+    def _response(out: _Output, ids: list[int], text: str, finish: str):
+        tensors = [string_tensor(names.TEXT_OUTPUT, text), ids_tensor(names.OUTPUT_IDS, ids)]
+        if out.req.return_finish_reason:
+            tensors.append(string_tensor(names.FINISH_REASON, finish or "None"))
+        if out.req.return_num_input_tokens:
+            tensors.append(pb_utils.Tensor(names.NUM_INPUT_TOKENS, np.array([out.num_input], dtype=np.uint32)))
+        if out.req.return_num_output_tokens:
+            tensors.append(pb_utils.Tensor(names.NUM_OUTPUT_TOKENS, np.array([len(ids)], dtype=np.uint32)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _output(response, name: str):
-    return pb_utils.get_output_tensor_by_name(response, name)
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    if tensor is None:
+        raise PrefillUnavailable(f"the prefill response has no {name}")
+    return tensor
 
 
 def _output_str(response, name: str) -> str:
     value = _output(response, name).as_numpy().reshape(-1)[0]
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-class LLMModel:
-    def __init__(self, args: dict[str, str]):
-        self._board = CancelBoard()
-        self._threads = ThreadPoolExecutor(max_workers=512, thread_name_prefix="hetserve-bls")
-        self._loop_ready = False
-
-    async def execute(self, requests) -> None:
-        if not self._loop_ready:  # async_exec waits in the loop's default executor
-            asyncio.get_running_loop().set_default_executor(self._threads)
-            self._loop_ready = True
-        await asyncio.gather(*(self._serve(request) for request in requests))
-
-    def finalize(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        gc.collect()  # free response senders while the stub can still release them
-
-    async def _serve(self, request) -> None:
-        sender = Responder(request)
-        try:
-            req = parse(request)
-        except ValueError as exc:
-            send_error(sender, str(exc), invalid_arg())
-            return
-        flow = _Flow(uuid.uuid4().hex)
-        watcher = asyncio.create_task(self._watch(sender, flow))
-        try:
-            await self._generate(request, req, sender, flow)
-        except RequestFailed as exc:
-            send_error(sender, str(exc), exc.code)
-        except Exception as exc:  # noqa: BLE001 - every request gets an answer
-            logger.exception("llm: request %s failed", flow.request_id)
-            send_error(sender, f"llm: {type(exc).__name__}: {exc}")
-        finally:
-            flow.done = True
-            watcher.cancel()
-            self._board.clear(flow.request_id)
-
-    async def _generate(self, request, req: LLMRequest, sender, flow: _Flow) -> None:
-        inputs = [
-            input_tensor(request, names.TEXT_INPUT),
-            string_tensor(names.SAMPLING_PARAMETERS, req.sampling_parameters),
-            string_tensor(names.REQUEST_ID, flow.request_id),
-        ]
-        prefill = await self._responses(names.Model.PREFILL, inputs, _PREFILL_OUTPUTS)
-        first = None
-        while (response := await self._next(prefill)) is not None:
-            first = self._check(response) or first
-        if first is None:
-            raise RequestFailed("prefill returned no output")
-        num_input = _output(first, names.KV_TOKEN_IDS).as_numpy().size
-        first_ids = _output(first, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
-        finish = _output_str(first, names.FINISH_REASON)
-        self._emit(req, sender, flow, first_ids, _output_str(first, names.TEXT_OUTPUT), finish, num_input)
-        if finish:
-            return
-        if flow.cancelled:
-            raise RequestFailed("Request was cancelled", cancelled())
-        flow.holder = names.Model.DECODE.value
-        inputs = [
-            _output(first, names.KV_CACHE),
-            _output(first, names.KV_TOKEN_IDS),
-            _output(first, names.KV_FINGERPRINT),
-            ids_tensor(names.INPUT_IDS, first_ids),
-            string_tensor(names.SAMPLING_PARAMETERS, _output_str(first, names.DECODE_PARAMETERS)),
-            string_tensor(names.REQUEST_ID, flow.request_id),
-        ]
-        decode = await self._responses(names.Model.DECODE, inputs, _DECODE_OUTPUTS)
-        finish = ""
-        while (response := await self._next(decode)) is not None:
-            if self._check(response) is None:
-                continue
-            finish = _output_str(response, names.FINISH_REASON)
-            if finish == "abort":
-                raise RequestFailed("Request was cancelled", cancelled())
-            if finish == "error":
-                raise RequestFailed(_output_str(response, names.TEXT_OUTPUT))
-            ids = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
-            self._emit(req, sender, flow, ids, _output_str(response, names.TEXT_OUTPUT), finish, num_input)
-        if not finish:
-            raise RequestFailed("decode ended without a finish reason")
-
-    def _emit(self, req: LLMRequest, sender, flow: _Flow, ids: list[int], text: str, finish: str, num_input: int):
-        """Stream a delta, or keep it until the final response."""
-        if req.stream:
-            sender.send(self._response(req, ids, text, finish, num_input), final=bool(finish))
-            return
-        flow.ids.extend(ids)
-        flow.text.append(text)
-        if finish:
-            full = "".join(flow.text)
-            if req.prepend_input:
-                full = req.text + full
-            sender.send(self._response(req, flow.ids, full, finish, num_input), final=True)
-
-    @staticmethod
-    def _response(req: LLMRequest, ids: list[int], text: str, finish: str, num_input: int):
-        tensors = [string_tensor(names.TEXT_OUTPUT, text), ids_tensor(names.OUTPUT_IDS, ids)]
-        if req.return_finish_reason:
-            tensors.append(string_tensor(names.FINISH_REASON, finish or "None"))
-        if req.return_num_input_tokens:
-            tensors.append(pb_utils.Tensor(names.NUM_INPUT_TOKENS, np.array([num_input], dtype=np.uint32)))
-        if req.return_num_output_tokens:
-            tensors.append(pb_utils.Tensor(names.NUM_OUTPUT_TOKENS, np.array([len(ids)], dtype=np.uint32)))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
-
-    @staticmethod
-    def _check(response):
-        """The response if it carries outputs, None for an empty final; raise on error."""
-        if response.has_error():
-            error = response.error()
-            code = error.code() if hasattr(error, "code") else None
-            raise RequestFailed(error.message(), code)
-        return response if response.output_tensors() else None
-
-    async def _responses(self, model: names.Model, inputs, outputs):
-        request = pb_utils.InferenceRequest(
-            model_name=model.value, inputs=inputs, requested_output_names=outputs
-        )
-        return await request.async_exec(decoupled=True)
-
-    async def _next(self, responses):
-        return await asyncio.get_running_loop().run_in_executor(self._threads, next, responses, None)
-
-    async def _watch(self, sender, flow: _Flow) -> None:
-        """Pass a client's cancellation on to the model that holds the request."""
-        while not flow.done:
-            await asyncio.sleep(CANCEL_POLL_S)
-            if sender.is_cancelled():
-                flow.cancelled = True
-                self._board.cancel(flow.request_id)
-                logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, flow.holder)
-                return

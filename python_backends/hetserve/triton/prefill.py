@@ -1,10 +1,17 @@
 """The prefill model: runs the prompt, returns the first token and the prompt's KV.
 
-One response per request, final, holding the KV in the interchange format
-(``kv_cache`` [L, 2, H, T, D], ``kv_token_ids`` [T], ``kv_fingerprint``), the
-first token (``output_ids``, ``text_output``), ``finish_reason`` (empty when
-generation goes on) and ``decode_parameters`` (the client's sampling
-parameters for the rest of the generation).
+Inputs: the prompt as ``input_ids`` (what ``llm`` sends: it has tokenized
+already) or ``text_input``; ``sampling_parameters`` (the client's: the first
+token is sampled here); ``request_id`` (how llm cancels it through the
+CancelBoard); ``kv_slot``, a reference to the caller's slot (slots.SlotRef).
+
+With ``kv_slot`` (same host), vLLM's worker writes the KV from its paged cache
+into that slot, and the one final response is small: ``output_ids`` (the
+first token), ``finish_reason`` ("stop" when that token ends the generation,
+else empty), ``kv_token_ids``, ``kv_fingerprint`` and ``kv_ref`` (JSON: token
+count and the worker's copy times). Without it (tensor transport: another
+server, or a client that wants the KV), the KV goes into a slot of this
+model's own and is returned as the ``kv_cache`` tensor [L, 2, H, T, D].
 """
 
 from __future__ import annotations
@@ -12,69 +19,86 @@ from __future__ import annotations
 import json
 
 import triton_python_backend_utils as pb_utils
+from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
-from hetserve.connector_params import PARAMS_KEY, save_params
-from hetserve.sampling import decode_fields, parse_json, to_sampling_params
-from hetserve.triton.common import cancelled, ids_tensor, input_str, send_error, string_tensor
-from hetserve.triton.engine_model import EngineModel
+from hetserve.connector_params import save_params
+from hetserve.kv.slots import Field, MappingCache, Slot, SlotRef, header
+from hetserve.sampling import parse_json, to_sampling_params
+from hetserve.text import engine_params
+from hetserve.triton.common import ids_tensor, input_ids, input_str, string_tensor
+from hetserve.triton.engine_model import EngineModel, Flow, cancellation
+
+ABORT = "abort"
 
 
 class PrefillModel(EngineModel):
     kv_role = "kv_producer"
     name = "prefill"
+    reads_cancel_board = True
 
-    async def handle(self, request, sender, request_id: str) -> None:
+    def __init__(self, args: dict[str, str]):
+        super().__init__(args)
+        self._lent = MappingCache()  # callers' slots, to check what the worker wrote
+
+    def _prompt_ids(self, request) -> list[int]:
+        ids = input_ids(request, names.INPUT_IDS)
+        if ids is not None:
+            return self.engine.check_prompt_ids(ids, names.INPUT_IDS)
         text = input_str(request, names.TEXT_INPUT)
         if not text:
-            raise ValueError("text_input is empty" if text == "" else "text_input is missing")
-        fields = parse_json(input_str(request, names.SAMPLING_PARAMETERS))
-        user = to_sampling_params(fields)
-        params = user.clone()
-        params.max_tokens = 1
-        params.min_tokens = min(user.min_tokens, 1)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        buf = self.pool.acquire()
-        params.extra_args = {"kv_transfer_params": save_params(buf)}
-        finished = False
-        try:
-            final = None
-            async for final in self.engine.engine.generate({"prompt": text}, params, request_id):
-                pass
-            finished = final is not None and final.finished
-            completion = final.outputs[0]
-            if completion.finish_reason == "abort":
-                finished = False  # the worker may still be writing the buffer
-                send_error(sender, "Request was cancelled", cancelled())
-                return
-            num_tokens = len(final.prompt_token_ids)
-            saved = (final.kv_transfer_params or {}).get(PARAMS_KEY, {}).get("num_tokens")
-            if saved != num_tokens:
-                raise RuntimeError(f"the engine saved KV for {saved} tokens, the prompt has {num_tokens}")
-            kv = buf.view(self.fingerprint.torch_dtype, self.fingerprint.kv_shape(num_tokens))
-            max_tokens = user.max_tokens if user.max_tokens is not None else self.max_model_len
-            outputs = [
-                pb_utils.Tensor.from_dlpack(names.KV_CACHE, kv),
-                ids_tensor(names.KV_TOKEN_IDS, final.prompt_token_ids),
-                string_tensor(names.KV_FINGERPRINT, self.fingerprint.to_json()),
-                ids_tensor(names.OUTPUT_IDS, completion.token_ids),
-                string_tensor(names.TEXT_OUTPUT, completion.text),
-                string_tensor(names.FINISH_REASON, self._finish_reason(completion, max_tokens, num_tokens)),
-                string_tensor(
-                    names.DECODE_PARAMETERS, json.dumps(decode_fields(fields, max_tokens, user.min_tokens))
-                ),
-            ]
-            # send() copies the KV into Triton's shared memory before returning,
-            # so the buffer is free again afterwards.
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), final=True)
-        finally:
-            (self.pool.release if finished else self.pool.discard)(buf)
+            raise ValueError("text_input is empty" if text == "" else "text_input or input_ids is required")
+        return self.engine.tokenize(text)
 
-    def _finish_reason(self, completion, max_tokens: int, num_tokens: int) -> str:
-        """Why generation ends after the first token, or "" when decode goes on."""
-        if completion.finish_reason == "stop":
-            return "stop"
-        if max_tokens <= 1 or num_tokens + 1 >= self.max_model_len:
-            return "length"
-        return ""
+    async def handle(self, request, flow: Flow) -> None:
+        ids = self._prompt_ids(request)
+        params = engine_params(to_sampling_params(parse_json(input_str(request, names.SAMPLING_PARAMETERS))))
+        params.max_tokens = 1
+        params.min_tokens = min(params.min_tokens, 1)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        kv_bytes = self.fingerprint.bytes_per_token * len(ids)
+        lent = input_str(request, names.KV_SLOT)
+        own: Slot | None = None
+        if lent:
+            ref = SlotRef.from_json(lent)
+            written = self._lent.get(ref.path, ref.capacity)
+        else:
+            own = self.slots.acquire(kv_bytes)
+            ref, written = own.lend(), own.data
+        params.extra_args = {"kv_transfer_params": save_params(ref)}
+        engine_done = False
+        try:
+            flow.in_engine = True
+            final = None
+            async for final in self.engine.engine.generate(TokensPrompt(prompt_token_ids=ids), params, flow.request_id):
+                pass
+            completion = final.outputs[0]
+            engine_done = final.finished and completion.finish_reason != ABORT
+            if not engine_done or flow.cancelled:
+                raise cancellation()
+            head = header(written)
+            if int(head[Field.NONCE]) != ref.nonce or int(head[Field.NUM_TOKENS]) != len(ids):
+                raise RuntimeError("the engine did not save the prompt's KV (see the server log)")
+            outputs = [
+                ids_tensor(names.OUTPUT_IDS, completion.token_ids),
+                string_tensor(names.FINISH_REASON, "stop" if completion.finish_reason == "stop" else ""),
+                ids_tensor(names.KV_TOKEN_IDS, ids),
+                string_tensor(names.KV_FINGERPRINT, self.fingerprint.to_json()),
+                string_tensor(names.KV_REF, json.dumps({
+                    "num_tokens": len(ids),
+                    "gather_start_ns": int(head[Field.GATHER_START_NS]),
+                    "gather_end_ns": int(head[Field.GATHER_END_NS]),
+                })),
+            ]
+            if own is None:
+                flow.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), final=True)
+                return
+            kv = own.kv(self.fingerprint.torch_dtype, self.fingerprint.kv_shape(len(ids)))
+            outputs.append(pb_utils.Tensor.from_dlpack(names.KV_CACHE, kv))
+            # send() copies the KV into Triton's shared memory: own is free after it.
+            await flow.sender.send_final_off_loop(pb_utils.InferenceResponse(output_tensors=outputs))
+        finally:
+            if own is not None:
+                # Until the engine is done with the request, its worker may still write.
+                (self.slots.release if engine_done else self.slots.discard)(own)
