@@ -19,6 +19,8 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         startup_timeout=args.startup_timeout,
         log_verbose=args.log_verbose,
+        kv_transport=args.kv_transport,
+        remote_prefill_min_tokens=args.remote_prefill_min_tokens,
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -42,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hetserve", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve a model through prefill -> decode on tritonserver")
+    serve = sub.add_parser("serve", help="serve a model on tritonserver: llm (decode tier) calling prefill")
     serve.add_argument("--model", help="checkpoint path or Hugging Face id (default: built-in tiny Llama, random weights)")
     serve.add_argument("--model-repository", help="Triton model repository (default: the project's)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -51,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--startup-timeout", type=float, default=900.0)
     serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument(
+        "--kv-transport", choices=["shm", "tensor"],
+        help="how prefill hands KV to llm: a shared-memory slot on this host (default) or a Triton tensor",
+    )
+    serve.add_argument(
+        "--remote-prefill-min-tokens", type=int,
+        help="prompts of at least this many tokens are prefilled by the prefill model, shorter ones by llm",
+    )
     serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="stream one completion from a running server (gRPC)")

@@ -50,6 +50,8 @@ class ServeOptions:
     metrics_port: int = 8002
     startup_timeout: float = 900.0
     log_verbose: int = 0
+    kv_transport: str | None = None  # llm's kv_transport parameter, if not the repository's
+    remote_prefill_min_tokens: int | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -151,6 +153,8 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
         for tensor in [*config.input, *config.output]:
             if tensor.name == names.KV_CACHE:
                 tensor.data_type = kv_type
+        if model is names.Model.LLM:
+            _set_parameters(config, options)
         for group in config.instance_group:
             if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and not gpu:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
@@ -161,6 +165,18 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
         else:
             logger.info("%s: serving %s", model.value, engine_args["model"])
     return largest
+
+
+def _set_parameters(config, options: ServeOptions) -> None:
+    """The llm model's routing parameters the command line overrides."""
+    overrides = {
+        "kv_transport": options.kv_transport,
+        "remote_prefill_min_tokens": options.remote_prefill_min_tokens,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            config.parameters[key].string_value = str(value)
+            logger.info("llm: %s = %s", key, value)
 
 
 def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import psutil
 import pytest
 
 from engine_runner import run_engine
+from hetserve import shm
 from hetserve_client import wait_ready
 
 STARTUP_TIMEOUT_S = 600
@@ -32,10 +34,22 @@ class Server:
     pid: int
     http_url: str
     grpc_url: str
+    metrics_url: str
     log: Path
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample on the metrics port, keyed by name and labels as printed."""
+        with urllib.request.urlopen(f"http://{self.metrics_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+        return samples
 
 
 def free_port() -> int:
@@ -45,21 +59,26 @@ def free_port() -> int:
 
 
 def shm_files(launcher_pid: int) -> list[str]:
-    prefixes = [f"hetserve-{launcher_pid}", f"triton_python_backend_hetserve_{launcher_pid}_"]
-    return [path for prefix in prefixes for path in glob.glob(f"/dev/shm/{prefix}*")]
+    prefixes = [shm.server_prefix(str(launcher_pid)), shm.triton_region_prefix(str(launcher_pid))]
+    return [path for prefix in prefixes for path in glob.glob(f"/dev/shm/{glob.escape(prefix)}*")]
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
+    yield from run_server(tmp_path_factory)
+
+
+def run_server(tmp_path_factory, *args: str):
+    """Start ``hetserve serve ARGS``, yield it once ready, stop it and check /dev/shm."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     http, grpc, metrics = free_port(), free_port(), free_port()
     command = [
         sys.executable, "-m", "hetserve.cli", "serve",
-        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *args,
     ]
     with open(log, "wb") as out:
         launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(launcher.pid, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", log)
+    server = Server(launcher.pid, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
     try:
         started = time.monotonic()
         deadline = started + STARTUP_TIMEOUT_S

@@ -1,4 +1,8 @@
-"""The decode model uses the KV it receives, and refuses KV that does not fit."""
+"""KV a client sends to llm itself: used when it fits, refused when it does not.
+
+The KV comes from the prefill model called directly without a slot (tensor
+transport): the interchange tensor, its token ids and fingerprint.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def expected(reference):
 
 @pytest.fixture(scope="module")
 def prefilled(server):
-    """prefill's one response: the first token and the prompt's KV."""
+    """prefill's one response: the first token and the prompt's KV as a tensor."""
     (out,) = infer_stream(server.grpc_url, "prefill", {
         names.TEXT_INPUT: strings(PROMPT),
         names.SAMPLING_PARAMETERS: strings(json.dumps(GREEDY)),
@@ -30,17 +34,19 @@ def prefilled(server):
     return out
 
 
-def decode(server, prefilled, **replace) -> list[int]:
+def continue_from(server, prefilled, **replace) -> list[int]:
+    """llm's tokens after prefill's first one, from the KV the client sends."""
     inputs = {
         names.KV_CACHE: prefilled[names.KV_CACHE],
         names.KV_TOKEN_IDS: prefilled[names.KV_TOKEN_IDS],
         names.KV_FINGERPRINT: prefilled[names.KV_FINGERPRINT],
         names.INPUT_IDS: prefilled[names.OUTPUT_IDS],
-        names.SAMPLING_PARAMETERS: prefilled[names.DECODE_PARAMETERS],
+        names.SAMPLING_PARAMETERS: strings(json.dumps({**GREEDY, "max_tokens": GREEDY["max_tokens"] - 1})),
+        names.STREAM: np.array([True]),
     }
     inputs.update(replace)
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    return [int(t) for r in infer_stream(server.grpc_url, "decode", inputs) for t in r[names.OUTPUT_IDS]]
+    return [int(t) for r in infer_stream(server.grpc_url, "llm", inputs) for t in r[names.OUTPUT_IDS]]
 
 
 def test_prefill_returns_kv_for_every_prompt_token(prefilled, expected):
@@ -48,25 +54,25 @@ def test_prefill_returns_kv_for_every_prompt_token(prefilled, expected):
     assert ids.tolist() == expected["prompt_token_ids"]
     assert kv.shape == (4, 2, 2, len(ids), 64) and kv.dtype == np.float32
     assert prefilled[names.OUTPUT_IDS].tolist() == expected["token_ids"][:1]
-    assert json.loads(prefilled[names.DECODE_PARAMETERS][0])["max_tokens"] == GREEDY["max_tokens"] - 1
+    assert json.loads(prefilled[names.KV_REF][0])["num_tokens"] == len(ids)
 
 
-def test_decode_with_the_transferred_kv_equals_single_engine(server, prefilled, expected):
+def test_llm_continues_from_client_kv_like_a_single_engine(server, prefilled, expected):
     first = prefilled[names.OUTPUT_IDS].tolist()
-    assert first + decode(server, prefilled) == expected["token_ids"]
+    assert first + continue_from(server, prefilled) == expected["token_ids"]
 
 
 def test_negative_control_noise_kv_changes_the_output(server, prefilled, expected):
-    """If decode recomputed the prompt instead of using the KV, noise would not matter."""
+    """If llm recomputed the prompt instead of using the KV, noise would not matter."""
     kv = prefilled[names.KV_CACHE]
     noise = np.random.default_rng(0).standard_normal(kv.shape).astype(np.float32) * kv.std()
     first = prefilled[names.OUTPUT_IDS].tolist()
-    assert first + decode(server, prefilled, kv_cache=noise) != expected["token_ids"]
+    assert first + continue_from(server, prefilled, kv_cache=noise) != expected["token_ids"]
     # Only the partial last block's slots randomised: still a different output.
     tail = kv.copy()
     start = (kv.shape[3] // 128) * 128
     tail[:, :, :, start:] = noise[:, :, :, start:]
-    assert first + decode(server, prefilled, kv_cache=tail) != expected["token_ids"]
+    assert first + continue_from(server, prefilled, kv_cache=tail) != expected["token_ids"]
 
 
 def mismatches(prefilled):
@@ -78,15 +84,26 @@ def mismatches(prefilled):
         "token count": ({names.KV_TOKEN_IDS: np.append(ids, 5)}, "KV shape is"),
         "shape": ({names.KV_CACHE: np.ascontiguousarray(kv[:, :, :1])}, "KV shape is"),
         "dtype": ({names.KV_CACHE: kv.astype(np.float16)}, "FP16"),
-        "missing": ({names.KV_FINGERPRINT: None}, "missing input"),
+        "missing": ({names.KV_FINGERPRINT: None}, r"without input\(s\) \['kv_fingerprint'\]"),
         "garbage fingerprint": ({names.KV_FINGERPRINT: strings("{")}, "kv_fingerprint"),
+        "token out of vocabulary": ({names.INPUT_IDS: np.array([10**9])}, "outside the vocabulary"),
+        "negative token": ({names.KV_TOKEN_IDS: np.where(ids == ids[0], -3, ids)}, "token id -3"),
     }
 
 
-@pytest.mark.parametrize("case", ["fingerprint", "token count", "shape", "dtype", "missing", "garbage fingerprint"])
+@pytest.mark.parametrize("case", [
+    "fingerprint", "token count", "shape", "dtype", "missing", "garbage fingerprint",
+    "token out of vocabulary", "negative token",
+])
 def test_mismatched_kv_is_refused_and_serving_goes_on(server, prefilled, expected, case):
     replace, message = mismatches(prefilled)[case]
     with pytest.raises(InferenceServerException, match=message):
-        decode(server, prefilled, **replace)
+        continue_from(server, prefilled, **replace)
     first = prefilled[names.OUTPUT_IDS].tolist()
-    assert first + decode(server, prefilled) == expected["token_ids"]
+    assert first + continue_from(server, prefilled) == expected["token_ids"]
+
+
+def test_prefill_refuses_a_slot_that_is_not_this_servers(server):
+    bad = json.dumps({"path": "/etc/passwd", "capacity": 1 << 20, "nonce": 1})
+    with pytest.raises(InferenceServerException, match="not a slot of this server"):
+        infer_stream(server.grpc_url, "prefill", {names.TEXT_INPUT: strings(PROMPT), names.KV_SLOT: strings(bad)})

@@ -81,3 +81,38 @@ def test_eos_and_stop_settings_pass_through(server, reference):
     for prompt, want in zip(prompts, reference(prompts, sampling)):
         got = generate_http(server.http_url, prompt, sampling)
         assert got.token_ids == want["token_ids"] and got.text == want["text"]
+
+
+def kv_samples(server, transport: str = "shm") -> tuple[float, float, float, float]:
+    """KV bytes moved and the gather / hand-off / scatter counts, for ``transport``."""
+    m = server.metrics()
+    labels = f'{{model="llm",transport="{transport}"}}'
+    return tuple(
+        m.get(name + labels, 0.0)
+        for name in (
+            "hetserve_kv_bytes_total",
+            "hetserve_kv_gather_seconds_count",
+            "hetserve_kv_handoff_seconds_count",
+            "hetserve_kv_scatter_seconds_count",
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def kv_bytes_per_token(engine_args):
+    from hetserve.launcher import model_facts
+
+    return model_facts(engine_args)[0].bytes_per_token
+
+
+def test_long_prompts_move_their_kv_and_short_ones_stay_local(server, expected, kv_bytes_per_token):
+    """Routing by prompt length (remote_prefill_min_tokens = 32), seen in the KV metrics."""
+    lengths = [len(e["prompt_token_ids"]) for e in expected]
+    assert min(lengths) < 32 <= max(lengths)  # both routes are exercised
+    for prompt, want, n in zip(PROMPTS, expected, lengths):
+        before = kv_samples(server)
+        assert generate_http(server.http_url, prompt, GREEDY).token_ids == want["token_ids"]
+        moved, *counts = (after - b for after, b in zip(kv_samples(server), before))
+        remote = n >= 32
+        assert moved == (kv_bytes_per_token * n if remote else 0), prompt[:40]
+        assert counts == [1, 1, 1] if remote else [0, 0, 0]
