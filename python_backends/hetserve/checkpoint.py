@@ -28,6 +28,7 @@ DEFAULT_MODEL = "hetserve:tiny-random"
 
 @dataclass(frozen=True, slots=True)
 class TinyLlamaRecipe:
+    name: str = "tiny-llama-random"
     hidden_size: int = 256
     intermediate_size: int = 512
     num_hidden_layers: int = 4
@@ -39,6 +40,8 @@ class TinyLlamaRecipe:
     # its attention inputs (the KV tests rely on noise changing the output).
     initializer_range: float = 0.1
     seed: int = 0
+    head_dim: int | None = None  # hidden_size // num_attention_heads unless set
+    dtype: str = "float32"
 
     @property
     def digest(self) -> str:
@@ -100,10 +103,11 @@ def _save_model(recipe: TinyLlamaRecipe, vocab_size: int, out_dir: Path) -> None
         bos_token_id=0,
         eos_token_id=1,
         tie_word_embeddings=False,
-        dtype="float32",
+        dtype=recipe.dtype,
+        **({"head_dim": recipe.head_dim} if recipe.head_dim else {}),
     )
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).to(getattr(torch, recipe.dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -125,7 +129,7 @@ def cache_root() -> Path:
 
 def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
     """The cached default checkpoint, built on first use (a few seconds)."""
-    target = cache_root() / f"tiny-llama-random-{recipe.digest}"
+    target = cache_root() / f"{recipe.name}-{recipe.digest}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     logger.info("Building the default checkpoint (random weights) in %s", target)
@@ -145,6 +149,27 @@ def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
     return target
 
 
+# Built-in checkpoints by the name model.json or --model may give.
+BUILTIN: dict[str, TinyLlamaRecipe] = {
+    DEFAULT_MODEL: TinyLlamaRecipe(),
+    # KV per token exactly Llama-3-8B's (32 layers, 8 KV heads, head dim 128,
+    # bf16: 128 KiB), everything else as small as vLLM allows: for `hetserve
+    # bench kv`, which measures the hand-off, not the model.
+    "hetserve:kv-llama3-8b-shape": TinyLlamaRecipe(
+        name="kv-llama3-8b-shape",
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=32,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+    ),
+}
+
+
 def resolve_model(name: str) -> str:
-    """A path or hub id as given, or the built default checkpoint's path."""
-    return str(default_model_path()) if name == DEFAULT_MODEL else name
+    """A path or hub id as given, or the path of a built-in checkpoint (built on first use)."""
+    recipe = BUILTIN.get(name)
+    return str(default_model_path(recipe)) if recipe else name

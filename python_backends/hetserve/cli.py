@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         kv_transport=args.kv_transport,
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
+        engine_args=dict(args.engine_arg),
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -38,6 +40,22 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"hetserve.bench.{args.which}").main(args.rest)
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +79,16 @@ def parser() -> argparse.ArgumentParser:
         "--remote-prefill-min-tokens", type=int,
         help="prompts of at least this many tokens are prefilled by the prefill model, shorter ones by llm",
     )
+    serve.add_argument(
+        "--engine-arg", action="append", default=[], type=_engine_arg, metavar="KEY=VALUE",
+        help="a vLLM engine argument for both engines (VALUE is JSON, else a string); repeatable",
+    )
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), converters", add_help=False)
+    bench.add_argument("which", choices=["kv", "converters"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
 
     gen = sub.add_parser("generate", help="stream one completion from a running server (gRPC)")
     gen.add_argument("prompt")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetserve import names
-from hetserve.checkpoint import DEFAULT_MODEL, resolve_model
+from hetserve.checkpoint import BUILTIN, resolve_model
 from hetserve import shm
 from hetserve.shm import PREFIX_ENV, SHM_DIR
 from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
@@ -52,6 +52,7 @@ class ServeOptions:
     log_verbose: int = 0
     kv_transport: str | None = None  # llm's kv_transport parameter, if not the repository's
     remote_prefill_min_tokens: int | None = None
+    engine_args: dict = field(default_factory=dict)  # over both model.json files
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -144,7 +145,9 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     for model in ENGINE_MODELS:
         model_json = dst / model.value / "1" / "model.json"
         engine_args = json.loads(model_json.read_text())
-        engine_args["model"] = resolve_model(options.model or engine_args["model"])
+        engine_args.update(options.engine_args)
+        given = options.model or engine_args["model"]
+        engine_args["model"] = resolve_model(given)
         model_json.write_text(json.dumps(engine_args, indent=2))
         fingerprint, max_len = model_facts(engine_args)
         largest = max(largest, fingerprint.bytes_per_token * max_len)
@@ -160,8 +163,8 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
         _write_config(config, dst / model.value / "config.pbtxt")
-        if engine_args["model"] == resolve_model(DEFAULT_MODEL):
-            logger.warning("%s: serving the built-in tiny Llama with RANDOM weights (%s): its text is gibberish", model.value, engine_args["model"])
+        if given in BUILTIN:
+            logger.warning("%s: serving the built-in %s with RANDOM weights (%s): its text is gibberish", model.value, given, engine_args["model"])
         else:
             logger.info("%s: serving %s", model.value, engine_args["model"])
     return largest

@@ -84,3 +84,21 @@ def test_shm_mapped_by_finds_this_process_mappings():
         del mapping
     finally:
         os.unlink(path)
+
+
+def test_command_line_overrides_reach_the_run_repository(tmp_path, model_path):
+    options = ServeOptions(
+        model=str(model_path), kv_transport="tensor", remote_prefill_min_tokens=7, engine_args={"max_num_seqs": 3}
+    )
+    prepare_repository(options, tmp_path / "repo", gpu=False)
+    params = config(tmp_path / "repo", "llm").parameters
+    assert (params["kv_transport"].string_value, params["remote_prefill_min_tokens"].string_value) == ("tensor", "7")
+    for model in ("llm", "prefill"):
+        assert json.loads((tmp_path / "repo" / model / "1" / "model.json").read_text())["max_num_seqs"] == 3
+
+
+def test_engine_args_parse_as_json_or_strings():
+    from hetserve.cli import parser
+
+    args = parser().parse_args(["serve", "--engine-arg", "max-num-seqs=8", "--engine-arg", "dtype=bfloat16"])
+    assert dict(args.engine_arg) == {"max_num_seqs": 8, "dtype": "bfloat16"}

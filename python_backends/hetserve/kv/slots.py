@@ -26,6 +26,7 @@ its resource tracker deletes a segment when any process that opened it exits.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import logging
@@ -165,6 +166,7 @@ class SlotPool:
 
     def __init__(self, name: str, directory: str = shm.SHM_DIR, max_idle_bytes: int = DEFAULT_MAX_IDLE_BYTES):
         self._stem = shm.path(f"{name}-slot-{os.getpid()}-", directory)
+        reclaim_orphans(shm.path(f"{name}-slot-", directory))
         self.max_idle_bytes = max_idle_bytes
         self._free: dict[int, list[Slot]] = defaultdict(list)
         self._idle_bytes = 0
@@ -228,6 +230,23 @@ class SlotPool:
         _unlink(path)
 
 
+def reclaim_orphans(stem: str) -> list[str]:
+    """Unlink the slots ``<stem><pid>-<n>`` of owners that are no longer alive.
+
+    A model instance that died (and is loaded again) leaves its slots behind;
+    the next pool of the same name on the same server removes them.
+    """
+    removed = []
+    for path in glob.glob(glob.escape(stem) + "*"):
+        pid = path[len(stem) :].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _unlink(path)
+            removed.append(path)
+    if removed:
+        logger.info("reclaimed %d KV slot(s) of dead owners", len(removed))
+    return removed
+
+
 def _allocate(path: str, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -249,18 +268,31 @@ def _unlink(path: str) -> None:
 
 
 class MappingCache:
-    """A reader's or writer's mappings of slot files by name, least recently used out."""
+    """A reader's or writer's mappings of slot files by name.
 
-    def __init__(self, capacity: int = 64):
+    Bounded in count and bytes, least recently used out; a mapping whose file
+    was unlinked (a discarded slot) is dropped at the next miss, so its memory
+    goes back to the system instead of staying pinned by this process.
+    """
+
+    def __init__(self, capacity: int = 64, max_bytes: int = 4 << 30):
         self._maps: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._capacity = capacity
+        self._max_bytes = max_bytes
 
     def get(self, path: str, nbytes: int) -> torch.Tensor:
         flat = self._maps.get(path)
         if flat is None or flat.numel() < nbytes:
+            self._drop_unlinked()
             flat = map_file(path, nbytes)
             self._maps[path] = flat
-            while len(self._maps) > self._capacity:
+            while len(self._maps) > 1 and (
+                len(self._maps) > self._capacity or sum(m.numel() for m in self._maps.values()) > self._max_bytes
+            ):
                 self._maps.popitem(last=False)
         self._maps.move_to_end(path)
         return flat
+
+    def _drop_unlinked(self) -> None:
+        for path in [p for p in self._maps if not os.path.exists(p)]:
+            del self._maps[path]

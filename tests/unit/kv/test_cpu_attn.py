@@ -1,5 +1,7 @@
 """Interchange <-> CPU_ATTN paged cache, checked against a per-token definition."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -103,3 +105,112 @@ def test_mismatches_are_refused(kv_shape, ids, message):
 def test_dtype_mismatch_is_refused():
     with pytest.raises(ValueError, match="dtype"):
         cpu_attn.scatter(torch.zeros(L, 2, H, 4, D, dtype=torch.float16), make_layers(), [0])
+
+
+# --- 2-byte dtypes: the numba kernel, checked against the pure-torch path ---------------------
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+
+
+def random_bits(*shape, dtype=torch.bfloat16):
+    # every bit pattern (NaNs, infinities, denormals): the converters move bytes, not values
+    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16).view(dtype)
+
+
+def bits(t):
+    return t.view(torch.int16)
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run a callable with the numba kernel switched off."""
+
+    def run(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(cpu_attn, "_kernel", lambda: None)
+            return fn(*args)
+
+    return run
+
+
+@needs_numba
+@pytest.mark.parametrize("num_tokens", [1, 127, 128, 129, 3 * BS + 5, 4 * BS])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("head_dim", [8, 128])
+def test_kernel_matches_the_torch_path_byte_for_byte(num_tokens, contiguous, head_dim, torch_only):
+    torch.manual_seed(num_tokens + head_dim)
+    kv = random_bits(L, 2, H, num_tokens, head_dim)
+    ids = block_ids_for(num_tokens, contiguous)
+    layers = [random_bits(BLOCKS, H, BS, 2 * head_dim) for _ in range(L)]
+    expected = [layer.clone() for layer in layers]
+    assert cpu_attn._numba_copy(kv, layers, ids, to_pages=True)
+    torch_only(cpu_attn.scatter, kv, expected, ids)
+    for got, want in zip(layers, expected):
+        assert torch.equal(bits(got), bits(want))  # stale slots and unlisted blocks included
+    out = random_bits(*kv.shape)
+    cpu_attn.gather(layers, ids, out)
+    assert torch.equal(bits(out), bits(kv))
+    via_torch = torch_only(cpu_attn.gather, layers, ids, torch.empty_like(kv))
+    assert torch.equal(bits(via_torch), bits(kv))
+
+
+@needs_numba
+def test_kernel_places_each_token_where_the_layout_says():
+    num_tokens = 2 * BS + 3
+    kv = random_bits(L, 2, H, num_tokens, D)
+    layers, ids = [random_bits(BLOCKS, H, BS, 2 * D) for _ in range(L)], block_ids_for(num_tokens, False)
+    cpu_attn.scatter(kv, layers, ids)
+    for layer_index, layer in enumerate(layers):
+        for t in range(num_tokens):
+            for h in range(H):
+                k, v = slot(layer, ids[t // BS], h, t % BS)
+                assert torch.equal(bits(k), bits(kv[layer_index, 0, h, t]))
+                assert torch.equal(bits(v), bits(kv[layer_index, 1, h, t]))
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_with_a_leading_token_slice_both_ways(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big = random_bits(L, 2, H, 300, D)
+        kv = big[:, :, :, :200]  # [L, 2, H, 200, D], not contiguous
+        layers, ids = [random_bits(BLOCKS, H, BS, 2 * D) for _ in range(L)], block_ids_for(200, False)
+        cpu_attn.scatter(kv, layers, ids)
+        out_big = random_bits(L, 2, H, 300, D)
+        untouched = out_big[:, :, :, 200:].clone()
+        cpu_attn.gather(layers, ids, out_big[:, :, :, :200])
+        assert torch.equal(bits(out_big[:, :, :, :200]), bits(kv))
+        assert torch.equal(bits(out_big[:, :, :, 200:]), bits(untouched))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_numba
+def test_float16_goes_through_the_kernel_too():
+    kv = random_bits(L, 2, H, 130, D, dtype=torch.float16)
+    layers = [random_bits(BLOCKS, H, BS, 2 * D, dtype=torch.float16) for _ in range(L)]
+    assert cpu_attn._numba_copy(kv, layers, [5, 9], to_pages=True)
+    out = torch.empty_like(kv)
+    assert torch.equal(bits(cpu_attn.gather(layers, [5, 9], out)), bits(kv))
+
+
+def test_inputs_the_kernel_cannot_take_fall_back_to_torch():
+    layers = make_layers()
+    assert not cpu_attn._numba_copy(torch.zeros(L, 2, H, 4, D), layers, [0], to_pages=True)  # float32
+    # a tensor starting 2 bytes past a 16-byte boundary
+    storage = random_bits(L * 2 * H * 130 * D + 1)
+    kv = storage[1:].view(L, 2, H, 130, D)
+    bf16_layers = make_layers(torch.bfloat16)
+    assert not cpu_attn._numba_copy(kv, bf16_layers, [5, 9], to_pages=True)
+    cpu_attn.scatter(kv, bf16_layers, [5, 9])
+    out = torch.empty_like(kv)
+    assert torch.equal(bits(cpu_attn.gather(bf16_layers, [5, 9], out)), bits(kv))
+
+
+@pytest.mark.parametrize("ids", [[0, BLOCKS], [-1, 2]])
+def test_block_ids_out_of_range_are_refused(ids):
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match="out of range"):
+            cpu_attn.scatter(torch.zeros(L, 2, H, 200, D, dtype=dtype), make_layers(dtype), ids)

@@ -114,3 +114,27 @@ def test_references_round_trip_and_only_name_this_servers_slots(monkeypatch):
             SlotRef.from_json(SlotRef(path, 1 << 20, 1).to_json())
     with pytest.raises(ValueError, match="kv_slot"):
         SlotRef.from_json("{")
+
+
+def test_a_new_pool_reclaims_the_slots_of_dead_owners(tmp_path):
+    dead, alive = tmp_path / f"{shm.current_prefix()}m-slot-999999999-0", None
+    dead.write_bytes(b"x")
+    pool = SlotPool("m", directory=str(tmp_path))
+    alive = pool.acquire(1)
+    SlotPool("m", directory=str(tmp_path))  # a second instance: this process is alive
+    assert not dead.exists() and os.path.exists(alive.path)
+    pool.close()
+
+
+def test_mappings_of_unlinked_slots_are_dropped(tmp_path):
+    cache = MappingCache()
+    paths = [str(tmp_path / f"f{i}") for i in range(2)]
+    for path in paths[:1]:
+        with open(path, "wb") as f:
+            f.truncate(128)
+        cache.get(path, 128)
+    os.unlink(paths[0])
+    with open(paths[1], "wb") as f:
+        f.truncate(128)
+    cache.get(paths[1], 128)
+    assert list(cache._maps) == [paths[1]]

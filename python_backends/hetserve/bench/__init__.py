@@ -1,0 +1,1 @@
+"""Micro-benchmarks (run as modules, e.g. ``python -m hetserve.bench.converters``)."""

@@ -1,0 +1,170 @@
+"""``hetserve bench kv``: the real KV hand-off on a running server, against memcpy.
+
+Serves a checkpoint whose KV per token equals Llama-3-8B's (32 layers, 8 KV
+heads, head dim 128; everything else tiny, random weights, built locally)
+unless ``--url`` names a running server, then sends prompts of exactly 128, 512
+and 2,048 tokens one at a time, each prefilled by the ``prefill`` model and
+continued by ``llm`` for one token. The hand-off time of each request — from
+the producer's gather start to the consumer's scatter end, engine compute
+excluded — comes from the server's own ``hetserve_kv_handoff_seconds``
+histogram (one request at a time, so each sum's increase is one hand-off).
+A plain ``copy_`` of the same bytes, timed in this process in the same run, is
+the yardstick: ``ratio`` = hand-off bandwidth / memcpy bandwidth. The hand-off
+copies twice, so 0.5 is its ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+BENCH_MODEL = "hetserve:kv-llama3-8b-shape"
+SERIES = ("bytes_total", "gather_seconds_sum", "handoff_seconds_sum", "scatter_seconds_sum", "handoff_seconds_count")
+
+
+def scrape(metrics_url: str, transport: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    labels = f'{{model="llm",transport="{transport}"}}'
+    found = dict.fromkeys(SERIES, 0.0)
+    for line in text.splitlines():
+        for name in SERIES:
+            if line.startswith(f"hetserve_kv_{name}{labels} "):
+                found[name] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def prompt_of(tokenizer, num_tokens: int) -> str:
+    """A text the model's tokenizer turns into exactly ``num_tokens`` tokens."""
+    words = max(num_tokens - 1, 1)
+    for _ in range(50):
+        text = " ".join(["token"] * words)
+        n = len(tokenizer.encode(text))
+        if n == num_tokens:
+            return text
+        words += num_tokens - n
+    raise RuntimeError(f"no prompt of exactly {num_tokens} tokens found")
+
+
+def memcpy_ms(nbytes: int, repeats: int = 10) -> float:
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def handoff_ms(http_url: str, metrics_url: str, transport: str, prompt: str) -> tuple[float, float, float, float]:
+    """One request's (hand-off, gather, scatter) ms and bytes moved."""
+    from hetserve_client import generate_http
+
+    before = scrape(metrics_url, transport)
+    generate_http(http_url, prompt, {"max_tokens": 2, "temperature": 0, "ignore_eos": True})
+    after = scrape(metrics_url, transport)
+    delta = {name: after[name] - before[name] for name in SERIES}
+    if delta["handoff_seconds_count"] != 1:
+        raise RuntimeError("the request was not handed off (prefilled locally?): check remote_prefill_min_tokens")
+    ms = {name: delta[f"{name}_seconds_sum"] * 1e3 for name in ("handoff", "gather", "scatter")}
+    return ms["handoff"], ms["gather"], ms["scatter"], delta["bytes_total"]
+
+
+def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer) -> list[dict]:
+    from tqdm import tqdm
+
+    rows = []
+    plan = [(n, args.runs_long if n >= 2048 else args.runs) for n in args.tokens]
+    with tqdm(total=sum(r for _, r in plan) + len(plan), desc="kv hand-off", unit="req") as bar:
+        for tokens, runs in plan:
+            prompt = prompt_of(tokenizer, tokens)
+            handoff_ms(http_url, metrics_url, args.transport, prompt)  # warm: slot files, mappings
+            bar.update()
+            samples = []
+            for _ in range(runs):
+                samples.append(handoff_ms(http_url, metrics_url, args.transport, prompt))
+                bar.update()
+            nbytes = int(samples[0][3])
+            handoff = sorted(s[0] for s in samples)
+            median = statistics.median(handoff)
+            copy = memcpy_ms(nbytes)
+            rows.append({
+                "tokens": tokens,
+                "dtype": args.dtype,
+                "bytes": nbytes,
+                "ms_median": round(median, 3),
+                "ms_p90": round(handoff[min(len(handoff) - 1, int(0.9 * len(handoff)))], 3),
+                "gbps": round(nbytes / median / 1e6, 3),
+                "memcpy_gbps": round(nbytes / copy / 1e6, 3),
+                "ratio": round(copy / median, 3),
+                "_gather_ms": round(statistics.median(s[1] for s in samples), 3),
+                "_scatter_ms": round(statistics.median(s[2] for s in samples), 3),
+                "_memcpy_ms": round(copy, 3),
+            })
+    return rows
+
+
+def print_table(rows: list[dict], transport: str) -> None:
+    print(f"\nKV hand-off, transport {transport} (gather start -> scatter end), against memcpy of the same bytes")
+    print(f"{'tokens':>6} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
+          f"{'gather':>7} {'scatter':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5}")
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} {r['ms_p90']:7.2f} "
+              f"{r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} | {r['_memcpy_ms']:9.2f} "
+              f"{r['memcpy_gbps']:6.2f} | {r['ratio']:5.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hetserve bench kv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--runs", type=int, default=20, help="requests per token count (default 20)")
+    parser.add_argument("--runs-long", type=int, default=5, help="requests at >= 2,048 tokens (default 5)")
+    parser.add_argument("--dtype", default="bfloat16", help="the engines' dtype (the KV travels in it)")
+    parser.add_argument("--transport", choices=["shm", "tensor"], default="shm")
+    parser.add_argument("--model", default=BENCH_MODEL, help="checkpoint (default: built-in, Llama-3-8B-shaped KV)")
+    parser.add_argument("--url", help="HTTP address of a running server (default: start one)")
+    parser.add_argument("--metrics-url", help="its metrics address (with --url)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from hetserve.checkpoint import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    if args.url:
+        rows = run(args, args.url, args.metrics_url or args.url.rsplit(":", 1)[0] + ":8002", tokenizer)
+    else:
+        rows = _with_server(args, tokenizer)
+    print_table(rows, args.transport)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=1))
+    return 0
+
+
+def _with_server(args: argparse.Namespace, tokenizer) -> list[dict]:
+    from hetserve.bench.server import started
+
+    longest = max(args.tokens) + 64
+    engine_args = {
+        "dtype": args.dtype,
+        "max_model_len": longest,
+        "max_num_batched_tokens": longest,
+        "max_num_seqs": 4,
+        # Room for the longest prompt's KV (and a little more) in each engine.
+        "kv_cache_memory_bytes": 3 * longest * 32 * 2 * 8 * 128 * 4,
+    }
+    with started(args.model, engine_args, kv_transport=args.transport) as (http_url, _, metrics_url):
+        return run(args, http_url, metrics_url, tokenizer)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
