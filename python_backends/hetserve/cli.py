@@ -85,8 +85,8 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), converters", add_help=False)
-    bench.add_argument("which", choices=["kv", "converters"])
+    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), throughput, converters", add_help=False)
+    bench.add_argument("which", choices=["kv", "throughput", "converters"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

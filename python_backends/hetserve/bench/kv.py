@@ -162,7 +162,7 @@ def _with_server(args: argparse.Namespace, tokenizer) -> list[dict]:
         # Room for the longest prompt's KV (and a little more) in each engine.
         "kv_cache_memory_bytes": 3 * longest * 32 * 2 * 8 * 128 * 4,
     }
-    with started(args.model, engine_args, kv_transport=args.transport) as (http_url, _, metrics_url):
+    with started(args.model, engine_args, kv_transport=args.transport) as (http_url, _, metrics_url, _):
         return run(args, http_url, metrics_url, tokenizer)
 
 

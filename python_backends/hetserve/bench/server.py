@@ -17,8 +17,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def started(model: str, engine_args: dict, **options) -> Iterator[tuple[str, str, str]]:
-    """Yield (HTTP, gRPC, metrics) addresses of a ready ``hetserve serve``."""
+def started(model: str | None, engine_args: dict, **options) -> Iterator[tuple[str, str, str, int]]:
+    """Yield the (HTTP, gRPC, metrics) addresses of a ready server, and its pid."""
     from hetserve.launcher import Server, ServeOptions
 
     ports = free_port(), free_port(), free_port()
@@ -28,6 +28,6 @@ def started(model: str, engine_args: dict, **options) -> Iterator[tuple[str, str
     try:
         server.start()
         server.wait_ready()
-        yield tuple(f"127.0.0.1:{port}" for port in ports)
+        yield (*(f"127.0.0.1:{port}" for port in ports), server.process.pid)
     finally:
         server.stop()
