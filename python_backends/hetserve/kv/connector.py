@@ -186,6 +186,7 @@ class HetserveConnector(KVConnectorBase_V1):
         shape = tuple(self._layers[0].shape)
         if len(shape) != 4 or shape[2] != cpu_attn.BLOCK_SIZE:
             raise ValueError(f"HetserveConnector supports the CPU_ATTN layout with block size 128, got {shape}")
+        cpu_attn.warm_up(self._layers)
 
     def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's header and its KV's first ``spec.count`` tokens."""
