@@ -109,6 +109,7 @@ class LLMModel(EngineModel):
         )
 
     def finalize(self) -> None:
+        self.metrics.close()
         super().finalize()
         self._threads.shutdown(wait=False, cancel_futures=True)
 

@@ -31,6 +31,15 @@ class KVMetrics:
         }
         self._metrics: dict[tuple[str, str], object] = {}
 
+    def close(self) -> None:
+        """Free the metrics while the stub can still talk to the server.
+
+        A MetricFamily destroyed at interpreter exit segfaults the stub
+        (Metric::Clear writes to shared memory that is gone).
+        """
+        self._metrics.clear()
+        self._families.clear()
+
     def _metric(self, name: str, transport: str):
         key = (name, transport)
         if key not in self._metrics:
