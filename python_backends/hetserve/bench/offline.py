@@ -1,7 +1,8 @@
 """Offline vLLM (``LLM.generate``) on given prompts, timed without start-up.
 
 ``python -m hetserve.bench.offline REQUEST.json`` writes ``result.json`` beside
-it: generated tokens and seconds. Its own process: vLLM's CPU platform spawns.
+it: generated tokens per pass and the seconds of each measured pass (after
+one unmeasured warm-up pass). Its own process: vLLM's CPU platform spawns.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ def main() -> None:
     request = json.loads(request_path.read_text())
     engine = LLM(**request["engine_args"])
     params = SamplingParams(max_tokens=request["max_tokens"], temperature=0, ignore_eos=True)
-    engine.generate(request["prompts"][:2], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = engine.generate(request["prompts"], params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    engine.generate(request["prompts"], params, use_tqdm=False)  # warm-up pass
+    seconds = []
+    for _ in range(request.get("repeats", 1)):
+        start = time.perf_counter()
+        outputs = engine.generate(request["prompts"], params, use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     (request_path.parent / "result.json").write_text(json.dumps({"tokens": tokens, "seconds": seconds}))
 

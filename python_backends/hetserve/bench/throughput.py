@@ -4,8 +4,11 @@ One run measures both on the same prompts and engine settings: offline vLLM
 (``LLM.generate``, in a subprocess, timed without its start-up) with the
 engine arguments of the repository's ``llm/1/model.json``, then N streams of
 greedy generation through ``llm`` over gRPC at a given concurrency (a server is
-started unless ``--url`` names one). It also reports each server process's CPU
-share during the load (psutil CPU times of the server's process tree).
+started unless ``--url`` names one). Each side first runs the whole load once
+unmeasured (first-time kernel set-up per shape costs a quarter of a cold
+pass), then ``--repeats`` measured passes; the median is reported, with each
+server process's CPU share over the measured passes (psutil CPU times of the
+server's process tree).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,20 +35,22 @@ def make_prompts(count: int, seed: int = 0) -> list[str]:
     return [f"{i}: " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 300))) for i in range(count)]
 
 
-def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int) -> float:
+def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({"engine_args": engine_args, "prompts": prompts, "max_tokens": max_tokens}))
+        request.write_text(json.dumps(
+            {"engine_args": engine_args, "prompts": prompts, "max_tokens": max_tokens, "repeats": repeats}
+        ))
         done = subprocess.run(
             [sys.executable, "-m", "hetserve.bench.offline", str(request)], capture_output=True, text=True
         )
         if done.returncode != 0:
             raise RuntimeError(f"offline vLLM failed:\n{done.stderr[-3000:]}")
         result = json.loads((Path(tmp) / "result.json").read_text())
-    return result["tokens"] / result["seconds"]
+    return statistics.median(result["tokens"] / seconds for seconds in result["seconds"])
 
 
-def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int) -> float:
+def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int) -> float:
     from hetserve_client import stream_grpc
 
     sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
@@ -52,10 +58,13 @@ def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency
     def one(prompt: str) -> int:
         return sum(len(d.token_ids) for d in stream_grpc(grpc_url, prompt, sampling))
 
-    start = time.perf_counter()
+    rates = []
     with ThreadPoolExecutor(concurrency) as pool:
-        tokens = sum(pool.map(one, prompts))
-    return tokens / (time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokens = sum(pool.map(one, prompts))
+            rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def _label(process, stubs: dict[int, str]) -> str:
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="measured passes after one warm-up pass")
     parser.add_argument("--url", help="gRPC address of a running server (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: the launcher's pid, for CPU shares")
     parser.add_argument("--skip-offline", action="store_true")
@@ -112,22 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(args.prompts)
     result = {"prompts": args.prompts, "concurrency": args.concurrency, "max_tokens": args.max_tokens}
     if not args.skip_offline:
-        result["offline_tok_s"] = round(offline_tok_s(engine_args, prompts, args.max_tokens), 1)
+        result["offline_tok_s"] = round(offline_tok_s(engine_args, prompts, args.max_tokens, args.repeats), 1)
         print(f"offline vLLM: {result['offline_tok_s']} tok/s", flush=True)
 
     def load(url: str) -> float:
-        return served_tok_s(url, prompts, args.max_tokens, args.concurrency)
+        return served_tok_s(url, prompts, args.max_tokens, args.concurrency, args.repeats)
+
+    def measured(url: str, pid: int | None) -> tuple[float, dict]:
+        served_tok_s(url, prompts, args.max_tokens, args.concurrency, 1)  # warm-up pass
+        return cpu_shares(pid, lambda: load(url)) if pid else (load(url), {})
 
     if args.url:
-        if args.server_pid:
-            tok_s, shares = cpu_shares(args.server_pid, lambda: load(args.url))
-        else:
-            tok_s, shares = load(args.url), {}
+        tok_s, shares = measured(args.url, args.server_pid)
     else:
         from hetserve.bench.server import started
 
         with started(None, {}) as (_, grpc_url, _, pid):
-            tok_s, shares = cpu_shares(pid, lambda: load(grpc_url))
+            tok_s, shares = measured(grpc_url, pid)
     result["llm_stream_tok_s"] = round(tok_s, 1)
     result["cpu_percent"] = shares
     if "offline_tok_s" in result:
