@@ -162,39 +162,12 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
             if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and not gpu:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        if not gpu:
-            _bind_cores(config, model)
         _write_config(config, dst / model.value / "config.pbtxt")
         if given in BUILTIN:
             logger.warning("%s: serving the built-in %s with RANDOM weights (%s): its text is gibberish", model.value, given, engine_args["model"])
         else:
             logger.info("%s: serving %s", model.value, engine_args["model"])
     return largest
-
-
-def split_cores(cores: list[int]) -> dict[names.Model, str]:
-    """Disjoint CPU cores for the two engines' workers when both run on the CPU.
-
-    Two vLLM CPU workers that each bind OpenMP threads to every core wait on
-    each other's cores (measured on 2 cores, 64 streams: 1,538 tok/s shared,
-    1,988 tok/s split, 788 tok/s with prefill on one core inside decode's two).
-    Prefill is bursty, decode steady: prefill gets a quarter, decode the rest.
-    """
-    if len(cores) < 2:
-        return {}
-    n = max(1, len(cores) // 4)
-    span = lambda ids: ",".join(str(c) for c in ids)  # noqa: E731
-    return {names.Model.PREFILL: span(cores[:n]), names.Model.LLM: span(cores[n:])}
-
-
-def _bind_cores(config, model: names.Model) -> None:
-    key = "cpu_omp_threads_bind"
-    if key in config.parameters:
-        return  # the repository decided
-    bind = split_cores(sorted(os.sched_getaffinity(0))).get(model)
-    if bind:
-        config.parameters[key].string_value = bind
-        logger.info("%s: no GPU, so its vLLM worker gets CPU cores %s of its own", model.value, bind)
 
 
 def _set_parameters(config, options: ServeOptions) -> None:

@@ -102,18 +102,3 @@ def test_engine_args_parse_as_json_or_strings():
 
     args = parser().parse_args(["serve", "--engine-arg", "max-num-seqs=8", "--engine-arg", "dtype=bfloat16"])
     assert dict(args.engine_arg) == {"max_num_seqs": 8, "dtype": "bfloat16"}
-
-
-def test_engines_get_disjoint_cores_on_a_cpu_machine(tmp_path, model_path):
-    from hetserve.launcher import split_cores
-
-    assert split_cores([0]) == {}
-    assert split_cores([0, 1]) == {names.Model.PREFILL: "0", names.Model.LLM: "1"}
-    assert split_cores(list(range(8))) == {names.Model.PREFILL: "0,1", names.Model.LLM: "2,3,4,5,6,7"}
-    prepare_repository(ServeOptions(model=str(model_path)), tmp_path / "cpu", gpu=False)
-    prepare_repository(ServeOptions(model=str(model_path)), tmp_path / "gpu", gpu=True)
-    binds = {m: config(tmp_path / "cpu", m).parameters.get("cpu_omp_threads_bind") for m in ("llm", "prefill")}
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert binds["llm"].string_value and binds["prefill"].string_value
-        assert not set(binds["llm"].string_value.split(",")) & set(binds["prefill"].string_value.split(","))
-    assert "cpu_omp_threads_bind" not in config(tmp_path / "gpu", "llm").parameters

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +63,13 @@ class EngineModel:
     reads_cancel_board: bool = False
 
     def __init__(self, args: dict[str, str]):
-        self.config = json.loads(args["model_config"])
-        bind = self.parameter("cpu_omp_threads_bind", "")
-        if bind:  # read by vLLM's CPU worker, which this process spawns
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-            logger.info("%s: vLLM's CPU worker binds its OpenMP threads to %s", self.name, bind)
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
         engine_args = with_connector(load_engine_args(model_json), self.kv_role)
         logger.info("%s: starting vLLM with %s", self.name, engine_args)
         self.engine = EngineLoop(engine_args, name=f"hetserve-{self.name}")
         self.fingerprint = self.engine.fingerprint
         self.max_model_len = self.engine.max_model_len
+        self.config = json.loads(args["model_config"])
         self._check_kv_type()
         self.slots = SlotPool(self.name)
         self._active: dict[str, Flow] = {}  # engine loop only
