@@ -31,10 +31,11 @@ def run_engine(request: dict[str, Any], workdir: Path, timeout: float = 600) -> 
 
 
 def _main() -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     from hetserve.engine import with_connector
+    from hetserve.sampling import to_sampling_params
 
     request_path, output_path = sys.argv[1:3]
     request = json.loads(Path(request_path).read_text())
@@ -45,8 +46,14 @@ def _main() -> None:
     prompts, params = [], []
     for item in request["requests"]:
         prompts.append(TokensPrompt(prompt_token_ids=item["prompt_token_ids"]) if "prompt_token_ids" in item else item["prompt"])
-        extra = {"kv_transfer_params": item["kv_transfer_params"]} if "kv_transfer_params" in item else None
-        params.append(SamplingParams(**item["sampling"], extra_args=extra))
+        sampling = dict(item["sampling"])
+        extra = sampling.pop("extra_args", None) or {}
+        if "kv_transfer_params" in item:
+            extra["kv_transfer_params"] = item["kv_transfer_params"]
+        # The client's JSON fields, typed as llm types them (string keys of logit_bias, ...).
+        one = to_sampling_params(sampling)
+        one.extra_args = extra or None
+        params.append(one)
     outputs = engine.generate(prompts, params, use_tqdm=False)
     results = [
         {

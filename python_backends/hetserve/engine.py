@@ -28,6 +28,7 @@ T = TypeVar("T")
 SHUTDOWN_TIMEOUT_S = 30.0
 CONNECTOR = "HetserveConnector"
 CONNECTOR_MODULE = "hetserve.kv.connector"
+FIRST_TOKEN_PROCESSOR = "hetserve.first_token:ForceFirstToken"
 
 
 def load_engine_args(path: Path) -> dict[str, Any]:
@@ -52,6 +53,8 @@ def with_connector(args: dict[str, Any], role: str) -> dict[str, Any]:
         # bad transfer poison later requests, and hits would skip the load.
         logger.info("KV consumer: prefix caching disabled (KV arrives with each request)")
         args["enable_prefix_caching"] = False
+    if role == "kv_consumer":
+        args["logits_processors"] = [*(args.get("logits_processors") or []), FIRST_TOKEN_PROCESSOR]
     args["kv_transfer_config"] = KVTransferConfig(
         kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role=role
     )

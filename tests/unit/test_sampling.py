@@ -1,8 +1,8 @@
-"""sampling_parameters: clear errors, and the split of a request in two halves."""
+"""sampling_parameters: clear errors, and the coercions clients rely on."""
 
 import pytest
 
-from hetserve.sampling import after_first_token, parse_json, to_sampling_params
+from hetserve.sampling import parse_json, to_sampling_params
 
 
 @pytest.mark.parametrize("raw, message", [("{bad", "not valid JSON"), ("[1]", "JSON object"), (b"\xff", "not valid JSON")])
@@ -23,7 +23,12 @@ def test_absent_is_empty():
         ({"bogus": 1, "also": 2}, r"unknown field\(s\) \['also', 'bogus'\]"),
         ({"output_kind": 1}, "unknown field"),
         ({"n": 2}, "n=1"),
-        ({"max_tokens": "many"}, "invalid sampling_parameters"),
+        ({"max_tokens": "many"}, "max_tokens must be int, got 'many'"),
+        ({"max_tokens": "1.5"}, "max_tokens must be int"),
+        ({"ignore_eos": "maybe"}, "ignore_eos must be bool"),
+        ({"temperature": [1]}, "temperature"),
+        ({"logit_bias": {"x": 1}}, "logit_bias must map token ids"),
+        ({"structured_outputs": {"jsn": {}}}, "structured_outputs"),
     ],
 )
 def test_invalid_fields_name_the_problem(fields, message):
@@ -36,8 +41,22 @@ def test_valid_fields_reach_vllm():
     assert (params.max_tokens, params.temperature, params.ignore_eos, params.stop) == (7, 0, True, ["x"])
 
 
-def test_the_rest_continues_after_one_token():
-    rest = after_first_token(to_sampling_params({"max_tokens": 10, "min_tokens": 3, "temperature": 0}))
-    assert (rest.max_tokens, rest.min_tokens, rest.temperature) == (9, 2, 0)
-    assert after_first_token(to_sampling_params({"max_tokens": None})).max_tokens is None
-    assert after_first_token(to_sampling_params({})).min_tokens == 0
+
+def test_numbers_and_booleans_as_strings_are_accepted():
+    """genai-perf's vLLM converter sends numbers as strings; Triton's vLLM backend accepts them."""
+    params = to_sampling_params({"max_tokens": "100", "min_tokens": "100", "temperature": "0.5", "ignore_eos": "true"})
+    assert (params.max_tokens, params.min_tokens, params.temperature, params.ignore_eos) == (100, 100, 0.5, True)
+    assert to_sampling_params({"seed": "7", "ignore_eos": "False"}).seed == 7
+
+
+def test_logit_bias_keys_and_structured_outputs_arrive_typed():
+    params = to_sampling_params({"logit_bias": {"5": 2.5}, "structured_outputs": {"choice": ["yes", "no"]}})
+    assert params.logit_bias == {5: 2.5}
+    assert params.structured_outputs.choice == ["yes", "no"]
+
+
+def test_deep_or_huge_json_is_refused():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json("[" * 100000)
+    with pytest.raises(ValueError, match="bytes, more than"):
+        parse_json('{"stop": "' + "x" * (2 << 20) + '"}')

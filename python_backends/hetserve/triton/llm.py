@@ -44,7 +44,8 @@ from hetserve import names
 from hetserve.connector_params import load_params
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
 from hetserve.kv.slots import Field, Slot, SlotRef, now_ns
-from hetserve.sampling import after_first_token, parse_json, to_sampling_params
+from hetserve.first_token import FIRST_TOKEN_KEY
+from hetserve.sampling import parse_json, to_sampling_params
 from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
 from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
@@ -77,6 +78,26 @@ class Handoff:
     transport: Transport
     gather_ns: tuple[int, int] | None
     loaded: bool = False
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What the client already got from prefill, to take off the engine's first output(s)."""
+
+    ids: list[int]
+    text: str
+
+    def skip(self, ids: list[int], text: str) -> tuple[list[int], str]:
+        if not self.ids and not self.text:
+            return ids, text
+        n = min(len(self.ids), len(ids))
+        if ids[:n] != self.ids[:n]:
+            raise RequestFailed(f"llm: the engine's first token {ids[:n]} differs from prefill's {self.ids[:n]}")
+        m = min(len(self.text), len(text))
+        if text[:m] != self.text[:m]:
+            raise RequestFailed("llm: the engine's first text differs from what was sent")
+        self.ids, self.text = self.ids[n:], self.text[m:]
+        return ids[n:], text[m:]
 
 
 @dataclass(slots=True)
@@ -123,35 +144,37 @@ class LLMModel(EngineModel):
     async def handle(self, request, flow: Flow) -> None:
         req = parse(request)
         params = to_sampling_params(parse_json(req.sampling_parameters))
-        tokenizer = self.engine.engine.get_tokenizer()
         try:
             sent = client_kv(request, self.fingerprint, self.max_model_len - 2, self.engine.check_prompt_ids)
             if sent is not None:
-                out = _Output(req, len(sent.kv_ids))
-                text = Continuation(tokenizer, flow.request_id, sent.kv_ids, sent.new_ids, params)
-                handoff = await self._to_slot(sent.kv, len(sent.kv_ids), Transport.CLIENT, None)
-                await self._generate(flow, out, params, sent.kv_ids + sent.new_ids, text, handoff)
+                await self._continue_client_kv(flow, req, params, sent)
                 return
             if req.text is None:
                 raise ValueError("text_input is missing")
             ids = self.engine.tokenize(req.text)
             out = _Output(req, len(ids))
-            text = Continuation(tokenizer, flow.request_id, ids, [], params)
             if len(ids) >= self.remote_min_tokens:
                 try:
                     first, finish, handoff = await self._prefill(flow, req, ids)
                 except PrefillUnavailable as exc:
                     logger.warning("llm: %s; prefilling request %s locally", exc, flow.request_id)
                 else:
-                    await self._continue(flow, out, params, ids, text, first, finish, handoff)
+                    await self._continue(flow, out, params, ids, first, finish, handoff)
                     return
-            await self._generate(flow, out, params, ids, text, None)
+            await self._generate(flow, out, params, ids)
         finally:
             self.board.clear(flow.request_id)
 
-    async def _continue(self, flow, out, params, ids, text, first: list[int], finish: str, handoff: Handoff):
-        """Send prefill's token; unless it ends the generation, decode from the KV."""
+    async def _continue(self, flow, out, params, ids: list[int], first: list[int], finish: str, handoff: Handoff):
+        """Send prefill's token at once; unless it ends the generation, this engine goes on.
+
+        The engine gets the prompt itself, KV loaded for all but its last token,
+        and is made to pick prefill's token at its first step (first_token.py):
+        so its sampler, penalties, grammar and detokenizer are in exactly the
+        state of a single engine's. That first step's output is not sent again.
+        """
         try:
+            text = Continuation(self.engine.engine.get_tokenizer(), flow.request_id, ids, [], params)
             delta = text.update(first, finish == STOP, False)
             if delta.stop_string is not None:
                 finish = STOP
@@ -162,21 +185,49 @@ class LLMModel(EngineModel):
                 return
             if flow.cancelled:
                 raise cancellation()
-            await self._generate(flow, out, after_first_token(params), ids + first, text, handoff)
+            sent = _Sent(list(first), delta.text)
+            await self._generate(flow, out, params, ids, handoff=handoff, sent=sent)
         finally:
-            if not handoff.loaded:  # decode never started: nobody read the slot
+            if not handoff.loaded:  # the engine never started: nobody read the slot
                 handoff.loaded = True
                 if finish:
                     self.slots.release(handoff.slot)
                 else:
                     self.slots.discard(handoff.slot)
 
-    async def _generate(self, flow, out, params: SamplingParams, prompt: list[int], text: Continuation, handoff):
-        """Stream this engine's tokens for ``prompt`` (its KV in ``handoff`` if given)."""
-        engine = engine_params(params)
+    async def _continue_client_kv(self, flow, req: LLMRequest, params: SamplingParams, sent) -> None:
+        """Generate after KV a client sent: ``kv_token_ids`` + ``input_ids`` are the context."""
+        out = _Output(req, len(sent.kv_ids))
+        # input_ids are tokens already generated: the engine must not treat them
+        # as prompt text, so this model detokenizes (text.py).
+        text = Continuation(self.engine.engine.get_tokenizer(), flow.request_id, sent.kv_ids, sent.new_ids, params)
+        handoff = await self._to_slot(sent.kv, len(sent.kv_ids), Transport.CLIENT, None)
+        await self._generate(flow, out, params, sent.kv_ids + sent.new_ids, handoff=handoff, text=text)
+
+    async def _generate(
+        self,
+        flow: Flow,
+        out: "_Output",
+        params: SamplingParams,
+        prompt: list[int],
+        handoff: Handoff | None = None,
+        sent: "_Sent | None" = None,
+        text: Continuation | None = None,
+    ) -> None:
+        """Stream this engine's tokens for ``prompt``.
+
+        ``handoff``: KV for the prompt's leading tokens, in a slot. ``sent``:
+        the first token, already sent to the client (forced, then skipped).
+        ``text``: detokenize here rather than in the engine.
+        """
+        engine = engine_params(params) if text is not None else params.clone()
         engine.output_kind = RequestOutputKind.DELTA
+        extra = dict(engine.extra_args or {})
         if handoff is not None:
-            engine.extra_args = {"kv_transfer_params": load_params(handoff.ref, handoff.num_tokens)}
+            extra["kv_transfer_params"] = load_params(handoff.ref, handoff.num_tokens)
+        if sent is not None:
+            extra[FIRST_TOKEN_KEY] = sent.ids[0]
+        engine.extra_args = extra or None
         flow.in_engine = True
         if flow.cancelled:
             raise cancellation()
@@ -190,9 +241,14 @@ class LLMModel(EngineModel):
                     raise cancellation()
                 if completion.finish_reason == ERROR:
                     raise RequestFailed(f"llm: the engine failed request {flow.request_id} (KV load failed?)")
-                delta = text.update(list(completion.token_ids), completion.finish_reason == STOP, output.finished)
-                finish = STOP if delta.stop_string is not None else completion.finish_reason or ""
-                self._emit(flow, out, delta.token_ids, delta.text, finish)
+                ids, delta_text, finish = list(completion.token_ids), completion.text, completion.finish_reason or ""
+                if text is not None:
+                    delta = text.update(ids, finish == STOP, output.finished)
+                    ids, delta_text = delta.token_ids, delta.text
+                    finish = STOP if delta.stop_string is not None else finish
+                if sent is not None:
+                    ids, delta_text = sent.skip(ids, delta_text)
+                self._emit(flow, out, ids, delta_text, finish)
                 if finish:
                     if not output.finished:
                         await self.abort(flow, "stop string")

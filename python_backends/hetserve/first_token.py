@@ -1,0 +1,57 @@
+"""A vLLM logits processor that makes a request's first generated token a given one.
+
+Why: the split must sample exactly like one engine. Prefill samples the first
+token; if the decode engine took that token as part of its prompt, its seeded
+generator would restart, penalties would not count it, and a grammar would
+not have consumed it. Instead the decode engine gets the *prompt* (KV loaded
+for all but its last token, which it recomputes) and generates from the first
+token on, like a single engine, with this processor forcing that first step to
+prefill's token: every other logit is -inf, so greedy, seeded sampling and any
+grammar all pick it, and the sampler's random stream, penalty counts and
+grammar state advance exactly as in a single engine. From the second step on,
+the request is untouched.
+
+A request asks for it with ``SamplingParams.extra_args[FIRST_TOKEN_KEY] = id``;
+the consumer engine loads the class by name (engine.py). Plain vLLM: no Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+FIRST_TOKEN_KEY = "hetserve_first_token"
+
+
+class ForceFirstToken(LogitsProcessor):
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        # batch row -> (the token to force, the request's live output token list)
+        self._rows: dict[int, tuple[int, list[int]]] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        token = (sampling_params.extra_args or {}).get(FIRST_TOKEN_KEY)
+        if token is not None and (not isinstance(token, int) or token < 0):
+            raise ValueError(f"{FIRST_TOKEN_KEY} must be a token id, got {token!r}")
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the argmax
+
+    @staticmethod
+    def _new(params: SamplingParams, _prompt: list[int] | None, output: list[int]):
+        token = (params.extra_args or {}).get(FIRST_TOKEN_KEY)
+        return None if token is None or output else (token, output)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self._rows, batch_update, self._new)
+        for row in [row for row, (_, output) in self._rows.items() if output]:
+            del self._rows[row]  # its first token is out: leave it alone
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        # logits: [batch, vocab]
+        for row, (token, _) in self._rows.items():
+            logits[row].fill_(float("-inf"))
+            logits[row, token] = 0.0  # finite even where a mask had ruled it out
+        return logits
