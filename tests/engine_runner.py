@@ -35,6 +35,7 @@ def _main() -> None:
     from vllm.inputs import TokensPrompt
 
     from hetserve.engine import with_connector
+    from hetserve.logprobs import entries
     from hetserve.sampling import to_sampling_params
 
     request_path, output_path = sys.argv[1:3]
@@ -61,6 +62,8 @@ def _main() -> None:
             "token_ids": list(o.outputs[0].token_ids),
             "text": o.outputs[0].text,
             "finish_reason": o.outputs[0].finish_reason,
+            "logprobs": entries(o.outputs[0].logprobs),
+            "cumulative_logprob": o.outputs[0].cumulative_logprob,
             "kv_transfer_params": o.kv_transfer_params,
         }
         for o in outputs

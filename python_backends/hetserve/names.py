@@ -25,10 +25,14 @@ EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
 RETURN_FINISH_REASON = "return_finish_reason"
 RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
 RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
+RETURN_LOGPROBS = "return_logprobs"
+RETURN_CUMULATIVE_LOGPROB = "return_cumulative_logprob"
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
 NUM_INPUT_TOKENS = "num_input_tokens"
 NUM_OUTPUT_TOKENS = "num_output_tokens"
+LOGPROBS = "logprobs"  # JSON: per token, {token_id: {logprob, rank, decoded_token}}
+CUMULATIVE_LOGPROB = "cumulative_logprob"
 # hetserve extension: the token ids of each response, for exact comparisons.
 OUTPUT_IDS = "output_ids"
 
@@ -71,6 +75,8 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(RETURN_FINISH_REASON, "BOOL", (1,), optional=True),
             TensorSpec(RETURN_NUM_INPUT_TOKENS, "BOOL", (1,), optional=True),
             TensorSpec(RETURN_NUM_OUTPUT_TOKENS, "BOOL", (1,), optional=True),
+            TensorSpec(RETURN_LOGPROBS, "BOOL", (1,), optional=True),
+            TensorSpec(RETURN_CUMULATIVE_LOGPROB, "BOOL", (1,), optional=True),
             *_KV_INPUTS,  # KV a client sends itself: kv_token_ids + input_ids are the prompt
         ),
         "outputs": (
@@ -79,6 +85,8 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(NUM_INPUT_TOKENS, "UINT32", (1,)),
             TensorSpec(NUM_OUTPUT_TOKENS, "UINT32", (-1,)),
             TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
+            TensorSpec(LOGPROBS, "STRING", (-1,)),
+            TensorSpec(CUMULATIVE_LOGPROB, "FP32", (-1,)),
         ),
     },
     Model.PREFILL: {
@@ -95,6 +103,7 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(KV_TOKEN_IDS, "INT64", (-1,)),
             TensorSpec(KV_FINGERPRINT, "STRING", (1,)),
             TensorSpec(KV_REF, "STRING", (1,)),
+            TensorSpec(LOGPROBS, "STRING", (1,)),  # the first token's, or "null"
             TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),  # only without kv_slot (tensor transport)
         ),
     },

@@ -44,6 +44,7 @@ from hetserve import names
 from hetserve.connector_params import load_params
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
 from hetserve.kv.slots import Field, Slot, SlotRef, now_ns
+from hetserve.logprobs import entries, logprob_of
 from hetserve.first_token import FIRST_TOKEN_KEY
 from hetserve.sampling import parse_json, to_sampling_params
 from hetserve.text import Continuation, engine_params
@@ -87,9 +88,10 @@ class _Sent:
     ids: list[int]
     text: str
 
-    def skip(self, ids: list[int], text: str) -> tuple[list[int], str]:
+    def skip(self, ids: list[int], text: str) -> tuple[list[int], str, int]:
+        """``ids`` and ``text`` without what was sent already, and how many ids that was."""
         if not self.ids and not self.text:
-            return ids, text
+            return ids, text, 0
         n = min(len(self.ids), len(ids))
         if ids[:n] != self.ids[:n]:
             raise RequestFailed(f"llm: the engine's first token {ids[:n]} differs from prefill's {self.ids[:n]}")
@@ -97,7 +99,7 @@ class _Sent:
         if text[:m] != self.text[:m]:
             raise RequestFailed("llm: the engine's first text differs from what was sent")
         self.ids, self.text = self.ids[n:], self.text[m:]
-        return ids[n:], text[m:]
+        return ids[n:], text[m:], n
 
 
 @dataclass(slots=True)
@@ -108,6 +110,8 @@ class _Output:
     num_input: int
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict] | None = None
+    cumulative: float = 0.0
 
 
 class LLMModel(EngineModel):
@@ -155,17 +159,19 @@ class LLMModel(EngineModel):
             out = _Output(req, len(ids))
             if len(ids) >= self.remote_min_tokens:
                 try:
-                    first, finish, handoff = await self._prefill(flow, req, ids)
+                    first, finish, first_logprobs, handoff = await self._prefill(flow, req, ids)
                 except PrefillUnavailable as exc:
                     logger.warning("llm: %s; prefilling request %s locally", exc, flow.request_id)
                 else:
-                    await self._continue(flow, out, params, ids, first, finish, handoff)
+                    await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff)
                     return
             await self._generate(flow, out, params, ids)
         finally:
             self.board.clear(flow.request_id)
 
-    async def _continue(self, flow, out, params, ids: list[int], first: list[int], finish: str, handoff: Handoff):
+    async def _continue(
+        self, flow, out, params, ids: list[int], first: list[int], finish: str, first_logprobs, handoff: Handoff
+    ):
         """Send prefill's token at once; unless it ends the generation, this engine goes on.
 
         The engine gets the prompt itself, KV loaded for all but its last token,
@@ -180,7 +186,8 @@ class LLMModel(EngineModel):
                 finish = STOP
             elif not finish and (params.max_tokens == 1 or len(ids) + 1 >= self.max_model_len):
                 finish = LENGTH
-            self._emit(flow, out, delta.token_ids, delta.text, finish)
+            cumulative = sum(logprob_of(e, t) for e, t in zip(first_logprobs, first)) if first_logprobs else 0.0
+            self._emit(flow, out, delta.token_ids, delta.text, finish, first_logprobs, cumulative)
             if finish:
                 return
             if flow.cancelled:
@@ -242,13 +249,17 @@ class LLMModel(EngineModel):
                 if completion.finish_reason == ERROR:
                     raise RequestFailed(f"llm: the engine failed request {flow.request_id} (KV load failed?)")
                 ids, delta_text, finish = list(completion.token_ids), completion.text, completion.finish_reason or ""
+                logprobs = entries(completion.logprobs, self.engine.engine.get_tokenizer() if text else None)
                 if text is not None:
                     delta = text.update(ids, finish == STOP, output.finished)
                     ids, delta_text = delta.token_ids, delta.text
                     finish = STOP if delta.stop_string is not None else finish
                 if sent is not None:
-                    ids, delta_text = sent.skip(ids, delta_text)
-                self._emit(flow, out, ids, delta_text, finish)
+                    ids, delta_text, skipped = sent.skip(ids, delta_text)
+                    logprobs = logprobs[skipped:] if logprobs is not None else None
+                if logprobs is not None:
+                    logprobs = logprobs[: len(ids)]
+                self._emit(flow, out, ids, delta_text, finish, logprobs, completion.cumulative_logprob)
                 if finish:
                     if not output.finished:
                         await self.abort(flow, "stop string")
@@ -271,7 +282,7 @@ class LLMModel(EngineModel):
 
     # ------------------------------------------------------------ remote prefill
 
-    async def _prefill(self, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, Handoff]:
+    async def _prefill(self, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, list | None, Handoff]:
         inputs = [
             ids_tensor(names.INPUT_IDS, ids),
             string_tensor(names.SAMPLING_PARAMETERS, req.sampling_parameters),
@@ -288,6 +299,7 @@ class LLMModel(EngineModel):
                 raise cancellation()
             first = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
             finish = _output_str(response, names.FINISH_REASON)
+            first_logprobs = json.loads(_output_str(response, names.LOGPROBS))
             kv_ref = json.loads(_output_str(response, names.KV_REF))
             gather = (int(kv_ref["gather_start_ns"]), int(kv_ref["gather_end_ns"]))
             self._check_prefilled(response, ids)
@@ -299,7 +311,7 @@ class LLMModel(EngineModel):
                 if not slot.complete(len(ids)):
                     raise PrefillUnavailable(f"{self.prefill_model} answered without writing the KV slot")
                 handoff = Handoff(slot, ref, len(ids), Transport.SHM, gather)
-            return first, finish, handoff
+            return first, finish, first_logprobs, handoff
         except BaseException:
             if slot is not None:
                 self.slots.discard(slot)  # prefill's worker may still write it
@@ -361,28 +373,40 @@ class LLMModel(EngineModel):
 
     # ---------------------------------------------------------------- responses
 
-    def _emit(self, flow: Flow, out: _Output, ids: list[int], text: str, finish: str) -> None:
+    def _emit(
+        self, flow: Flow, out: _Output, ids: list[int], text: str, finish: str,
+        logprobs: list[dict] | None = None, cumulative: float | None = None,
+    ) -> None:
         """Stream a delta, or keep it until the final response."""
+        if cumulative is not None:
+            out.cumulative = cumulative
         if out.req.stream:
-            flow.sender.send(self._response(out, ids, text, finish), final=bool(finish))
+            flow.sender.send(self._response(out, ids, text, finish, logprobs), final=bool(finish))
             return
         out.ids.extend(ids)
         out.text.append(text)
+        if logprobs is not None:
+            out.logprobs = [*(out.logprobs or []), *logprobs]
         if finish:
             full = "".join(out.text)
             if out.req.prepend_input and out.req.text:
                 full = out.req.text + full
-            flow.sender.send(self._response(out, out.ids, full, finish), final=True)
+            flow.sender.send(self._response(out, out.ids, full, finish, out.logprobs), final=True)
 
     @staticmethod
-    def _response(out: _Output, ids: list[int], text: str, finish: str):
+    def _response(out: _Output, ids: list[int], text: str, finish: str, logprobs: list[dict] | None):
         tensors = [string_tensor(names.TEXT_OUTPUT, text), ids_tensor(names.OUTPUT_IDS, ids)]
-        if out.req.return_finish_reason:
+        req = out.req
+        if req.return_finish_reason:
             tensors.append(string_tensor(names.FINISH_REASON, finish or "None"))
-        if out.req.return_num_input_tokens:
+        if req.return_num_input_tokens:
             tensors.append(pb_utils.Tensor(names.NUM_INPUT_TOKENS, np.array([out.num_input], dtype=np.uint32)))
-        if out.req.return_num_output_tokens:
+        if req.return_num_output_tokens:
             tensors.append(pb_utils.Tensor(names.NUM_OUTPUT_TOKENS, np.array([len(ids)], dtype=np.uint32)))
+        if req.return_logprobs:
+            tensors.append(string_tensor(names.LOGPROBS, json.dumps(logprobs)))
+        if req.return_cumulative_logprob:
+            tensors.append(pb_utils.Tensor(names.CUMULATIVE_LOGPROB, np.array([out.cumulative], dtype=np.float32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 

@@ -24,6 +24,8 @@ class LLMRequest:
     return_finish_reason: bool
     return_num_input_tokens: bool
     return_num_output_tokens: bool
+    return_logprobs: bool
+    return_cumulative_logprob: bool
 
 
 @dataclass(slots=True)
@@ -57,6 +59,8 @@ def parse(request) -> LLMRequest:
         return_finish_reason=bool(input_bool(request, names.RETURN_FINISH_REASON)),
         return_num_input_tokens=bool(input_bool(request, names.RETURN_NUM_INPUT_TOKENS)),
         return_num_output_tokens=bool(input_bool(request, names.RETURN_NUM_OUTPUT_TOKENS)),
+        return_logprobs=bool(input_bool(request, names.RETURN_LOGPROBS)),
+        return_cumulative_logprob=bool(input_bool(request, names.RETURN_CUMULATIVE_LOGPROB)),
     )
 
 

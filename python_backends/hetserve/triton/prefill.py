@@ -9,7 +9,8 @@ With ``kv_slot`` (same host), vLLM's worker writes the KV from its paged cache
 into that slot, and the one final response is small: ``output_ids`` (the
 first token), ``finish_reason`` ("stop" when that token ends the generation,
 else empty), ``kv_token_ids``, ``kv_fingerprint`` and ``kv_ref`` (JSON: token
-count and the worker's copy times). Without it (tensor transport: another
+count and the worker's copy times) and ``logprobs`` (the first token's, JSON,
+when the sampling parameters ask for logprobs). Without it (tensor transport: another
 server, or a client that wants the KV), the KV goes into a slot of this
 model's own and is returned as the ``kv_cache`` tensor [L, 2, H, T, D].
 """
@@ -25,6 +26,7 @@ from vllm.sampling_params import RequestOutputKind
 from hetserve import names
 from hetserve.connector_params import save_params
 from hetserve.kv.slots import Field, MappingCache, Slot, SlotRef, header
+from hetserve.logprobs import entries
 from hetserve.sampling import parse_json, to_sampling_params
 from hetserve.text import engine_params
 from hetserve.triton.common import ids_tensor, input_ids, input_str, string_tensor
@@ -57,6 +59,8 @@ class PrefillModel(EngineModel):
         params.max_tokens = 1
         params.min_tokens = min(params.min_tokens, 1)
         params.output_kind = RequestOutputKind.FINAL_ONLY
+        # The first token's logprobs carry decoded tokens as a single engine's do.
+        params.detokenize = params.logprobs is not None
         kv_bytes = self.fingerprint.bytes_per_token * len(ids)
         lent = input_str(request, names.KV_SLOT)
         own: Slot | None = None
@@ -85,6 +89,7 @@ class PrefillModel(EngineModel):
                 string_tensor(names.FINISH_REASON, "stop" if completion.finish_reason == "stop" else ""),
                 ids_tensor(names.KV_TOKEN_IDS, ids),
                 string_tensor(names.KV_FINGERPRINT, self.fingerprint.to_json()),
+                string_tensor(names.LOGPROBS, json.dumps(entries(completion.logprobs))),
                 string_tensor(names.KV_REF, json.dumps({
                     "num_tokens": len(ids),
                     "gather_start_ns": int(head[Field.GATHER_START_NS]),

@@ -1,0 +1,50 @@
+"""Logprobs as Triton's vLLM backend returns them, equal to a single engine's.
+
+``return_logprobs`` -> ``logprobs`` (JSON, per token {id: {logprob, rank,
+decoded_token}}), ``return_cumulative_logprob`` -> ``cumulative_logprob``;
+streamed, the first token's come from prefill (long prompts) or llm's engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hetserve import names
+from triton_calls import infer_stream, strings
+
+PROMPTS = ["Hello", "The quick brown fox jumps", "model token cache " * 20, "prefill decode " * 70]
+SAMPLING = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+TOLERANCE = 1e-4
+
+
+def ask(server, prompt: str, stream: bool) -> list[dict]:
+    inputs = {
+        names.TEXT_INPUT: strings(prompt),
+        names.STREAM: np.array([stream]),
+        names.SAMPLING_PARAMETERS: strings(json.dumps(SAMPLING)),
+        names.RETURN_LOGPROBS: np.array([True]),
+        names.RETURN_CUMULATIVE_LOGPROB: np.array([True]),
+        names.EXCLUDE_INPUT_IN_OUTPUT: np.array([True]),
+    }
+    return infer_stream(server.grpc_url, "llm", inputs)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_logprobs_equal_a_single_engine(server, reference, stream):
+    want = reference(PROMPTS, SAMPLING)
+    for prompt, w in zip(PROMPTS, want):
+        responses = ask(server, prompt, stream)
+        ids = [int(t) for r in responses for t in r[names.OUTPUT_IDS]]
+        got = [entry for r in responses for entry in json.loads(r[names.LOGPROBS][0])]
+        assert ids == w["token_ids"], prompt[:30]
+        assert len(got) == len(ids) == len(w["logprobs"])
+        for token, ours, theirs in zip(ids, got, w["logprobs"]):
+            assert str(token) in ours and len(ours) >= 3
+            for key in set(ours) & set(theirs):
+                assert abs(ours[key]["logprob"] - theirs[key]["logprob"]) < TOLERANCE, (prompt[:30], key)
+                assert ours[key]["decoded_token"] == theirs[key]["decoded_token"]
+        cumulative = float(responses[-1][names.CUMULATIVE_LOGPROB][0])
+        assert abs(cumulative - w["cumulative_logprob"]) < TOLERANCE * len(ids)
