@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from hetserve import names
 from hetserve.checkpoint import default_model_path
-from hetserve.engine import load_engine_args
+from hetserve.launcher import ServeOptions, engine_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # engine_runner
@@ -19,5 +20,5 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def engine_args(model_path) -> dict:
-    """The engines' arguments as the repository states them (model resolved)."""
-    return load_engine_args(ROOT / "model_repository" / "prefill" / "1" / "model.json")
+    """The engines' arguments as `hetserve serve` runs them (model resolved)."""
+    return engine_settings(ServeOptions(), names.Model.LLM)

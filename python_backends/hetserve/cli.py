@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         kv_transport=args.kv_transport,
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
-        engine_args=dict(args.engine_arg),
+        engine_args=_engine_args(args),
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -46,6 +47,28 @@ def _bench(args: argparse.Namespace) -> int:
     import importlib
 
     return importlib.import_module(f"hetserve.bench.{args.which}").main(args.rest)
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``4GiB``, ``512MiB``, ``1.5G``, ``1000000`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB, 512MiB or 1000000, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def _engine_args(args: argparse.Namespace) -> dict:
+    """Engine arguments from the vllm-serve-style flags, then --engine-arg."""
+    flags = {
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "kv_cache_memory_bytes": args.kv_cache_memory,
+    }
+    return {**{k: v for k, v in flags.items() if v is not None}, **dict(args.engine_arg)}
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -79,6 +102,10 @@ def parser() -> argparse.ArgumentParser:
         "--remote-prefill-min-tokens", type=int,
         help="prompts of at least this many tokens are prefilled by the prefill model, shorter ones by llm",
     )
+    serve.add_argument("--dtype", help="the engines' dtype (default: the checkpoint's, as vLLM's auto)")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
+    serve.add_argument("--kv-cache-memory", type=parse_bytes, help="KV cache per engine, e.g. 4GiB")
     serve.add_argument(
         "--engine-arg", action="append", default=[], type=_engine_arg, metavar="KEY=VALUE",
         help="a vLLM engine argument for both engines (VALUE is JSON, else a string); repeatable",

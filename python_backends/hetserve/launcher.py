@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_MODELS = (names.Model.PREFILL, names.Model.LLM)
 MiB = 1 << 20
+SHM_REGION_CAP = 1 << 30
 
 
 @dataclass(slots=True)
@@ -124,16 +125,42 @@ def _write_config(config, path: Path) -> None:
     path.write_text(text_format.MessageToString(config))
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, found before the server starts."""
+
+
 def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
     """The KV fingerprint and context length the engines will have.
 
     vLLM resolves them itself (``dtype: auto`` downcasts float32 checkpoints on
-    the CPU, for one), so ask it rather than guess.
+    the CPU, for one; the context is the model's unless set lower), so ask it
+    rather than guess. Settings vLLM refuses are refused here, by its words.
     """
     from vllm.engine.arg_utils import EngineArgs
 
-    config = EngineArgs(**engine_args).create_model_config()
+    try:
+        config = EngineArgs(**engine_args).create_model_config()
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"vLLM refuses the engine settings for {engine_args.get('model')}: {exc}") from None
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
+
+
+def engine_settings(options: ServeOptions, model: names.Model, repository: Path | None = None) -> dict:
+    """One engine's vLLM arguments, as the server will run them.
+
+    Precedence: the command line (``--dtype``, ``--max-model-len``, …,
+    ``--engine-arg``), then the repository's ``model.json`` (defaults such as
+    ``max_num_seqs``), then the checkpoint itself: its own context length and
+    dtype (vLLM's ``auto``; a built-in checkpoint's recipe names its dtype).
+    """
+    path = (repository or options.model_repository) / model.value / "1" / "model.json"
+    engine_args = {**json.loads(path.read_text()), **options.engine_args}
+    given = options.model or engine_args["model"]
+    engine_args["served_model_name"] = engine_args.get("served_model_name") or given
+    if given in BUILTIN:
+        engine_args.setdefault("dtype", BUILTIN[given].dtype)
+    engine_args["model"] = resolve_model(given)
+    return engine_args
 
 
 def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
@@ -142,14 +169,13 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
 
     shutil.copytree(options.model_repository, dst)
     largest = 0
+    fingerprints = {}
     for model in ENGINE_MODELS:
-        model_json = dst / model.value / "1" / "model.json"
-        engine_args = json.loads(model_json.read_text())
-        engine_args.update(options.engine_args)
-        given = options.model or engine_args["model"]
-        engine_args["model"] = resolve_model(given)
-        model_json.write_text(json.dumps(engine_args, indent=2))
+        engine_args = engine_settings(options, model, dst)
+        (dst / model.value / "1" / "model.json").write_text(json.dumps(engine_args, indent=2))
         fingerprint, max_len = model_facts(engine_args)
+        fingerprints[model] = fingerprint
+        logger.info("%s: %s, %s, context %d tokens", model.value, engine_args["model"], fingerprint.dtype, max_len)
         largest = max(largest, fingerprint.bytes_per_token * max_len)
         config = _read_config(dst / model.value / "config.pbtxt")
         kv_type = model_config_pb2.DataType.Value("TYPE_" + TRITON_DTYPES[fingerprint.torch_dtype])
@@ -163,10 +189,15 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
         _write_config(config, dst / model.value / "config.pbtxt")
-        if given in BUILTIN:
-            logger.warning("%s: serving the built-in %s with RANDOM weights (%s): its text is gibberish", model.value, given, engine_args["model"])
-        else:
-            logger.info("%s: serving %s", model.value, engine_args["model"])
+        if engine_args["served_model_name"] in BUILTIN:
+            logger.warning(
+                "%s: serving the built-in %s with RANDOM weights (%s): its text is gibberish",
+                model.value, engine_args["served_model_name"], engine_args["model"],
+            )
+    prefill, llm = fingerprints[names.Model.PREFILL], fingerprints[names.Model.LLM]
+    if prefill != llm:
+        diffs = [f"{f}: prefill {getattr(prefill, f)!r}, llm {getattr(llm, f)!r}" for f in prefill.__slots__ if getattr(prefill, f) != getattr(llm, f)]
+        raise ConfigError("prefill and llm would not produce the same KV (" + "; ".join(diffs) + ")")
     return largest
 
 
@@ -197,10 +228,12 @@ def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]
 
 
 def server_command(triton: TritonInstall, options: ServeOptions, repo: Path, backends: Path, largest_kv: int, region_prefix: str) -> list[str]:
-    # Room for a KV on its way in and one on its way out, plus small tensors;
-    # the region grows by a whole KV when more requests are in flight.
-    shm_default = max(64 * MiB, 2 * largest_kv + 16 * MiB)
-    shm_growth = max(16 * MiB, largest_kv)
+    # KV crosses Triton's shared memory only with the tensor transport or when
+    # a client sends it: room for one on its way in and one on its way out,
+    # growing by a whole KV when more are in flight; capped, so that a model
+    # with a long context does not claim /dev/shm for tensors it rarely sees.
+    shm_default = min(max(64 * MiB, 2 * largest_kv + 16 * MiB), SHM_REGION_CAP)
+    shm_growth = min(max(16 * MiB, largest_kv), SHM_REGION_CAP)
     host = options.host
     return [
         str(triton.binary),
@@ -349,7 +382,11 @@ def serve(options: ServeOptions) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = Server(options)
     try:
-        server.start()
+        try:
+            server.start()
+        except ConfigError as exc:
+            logger.error("%s", exc)
+            return 2
         if server.wait_ready(stop):
             while not stop.is_set() and server.process.poll() is None:
                 stop.wait(0.5)

@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+
+import pytest
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -20,7 +23,7 @@ def kv_type(cfg):
 
 def test_run_repository_adapts_to_a_cpu_machine(tmp_path, caplog, model_path):
     caplog.set_level("INFO")
-    options = ServeOptions(model=str(model_path))
+    options = ServeOptions()  # the built-in checkpoint, served in its recipe's float32
     largest = prepare_repository(options, tmp_path / "repo", gpu=False)
     repo = tmp_path / "repo"
     prefill = config(repo, "prefill")
@@ -102,3 +105,42 @@ def test_engine_args_parse_as_json_or_strings():
 
     args = parser().parse_args(["serve", "--engine-arg", "max-num-seqs=8", "--engine-arg", "dtype=bfloat16"])
     assert dict(args.engine_arg) == {"max_num_seqs": 8, "dtype": "bfloat16"}
+
+
+def test_settings_come_from_the_checkpoint_unless_set(tmp_path):
+    from hetserve.checkpoint import TinyLlamaRecipe, build_tiny_llama
+    from hetserve.launcher import engine_settings, model_facts
+
+    ckpt = build_tiny_llama(tmp_path / "ckpt", TinyLlamaRecipe(max_position_embeddings=1024, dtype="bfloat16"))
+    args = engine_settings(ServeOptions(model=str(ckpt)), names.Model.LLM)
+    assert "max_model_len" not in args and "dtype" not in args  # the model's own
+    fingerprint, max_len = model_facts(args)
+    assert (fingerprint.dtype, max_len) == ("bfloat16", 1024)
+    shorter = engine_settings(ServeOptions(model=str(ckpt), engine_args={"max_model_len": 512}), names.Model.LLM)
+    assert model_facts(shorter)[1] == 512
+    assert engine_settings(ServeOptions(), names.Model.LLM)["dtype"] == "float32"  # the built-in recipe's
+
+
+def test_impossible_settings_are_refused_before_start(tmp_path, model_path):
+    from hetserve.launcher import ConfigError
+
+    too_long = ServeOptions(model=str(model_path), engine_args={"max_model_len": 4096})
+    with pytest.raises(ConfigError, match="max_model_len"):
+        prepare_repository(too_long, tmp_path / "a", gpu=False)
+    repo = tmp_path / "repo"
+    shutil.copytree(ServeOptions().model_repository, repo)
+    prefill_json = repo / "prefill" / "1" / "model.json"
+    prefill_json.write_text(json.dumps({**json.loads(prefill_json.read_text()), "dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="dtype: prefill 'bfloat16', llm 'float32'"):
+        prepare_repository(ServeOptions(model_repository=repo), tmp_path / "b", gpu=False)
+
+
+def test_sizes_parse_with_units():
+    from hetserve.cli import parse_bytes, parser
+
+    assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("1.5G") == 1_500_000_000 and parse_bytes("1000") == 1000
+    args = parser().parse_args(["serve", "--dtype", "bfloat16", "--max-model-len", "900", "--kv-cache-memory", "1GiB"])
+    from hetserve.cli import _engine_args
+
+    assert _engine_args(args) == {"dtype": "bfloat16", "max_model_len": 900, "kv_cache_memory_bytes": 1 << 30}
