@@ -1,6 +1,6 @@
-"""The default model: a small Llama checkpoint built locally and deterministically.
+"""Built-in checkpoints: small models built locally and deterministically.
 
-Its weights are random, so its text is gibberish; it exists so that the whole
+Their weights are random, so their text is gibberish; they exist so that the whole
 serving path (tokenizer, vLLM loading, KV transfer) runs on any machine without a
 model hub. The real loading code is used unchanged: vLLM and transformers read it
 like any other Hugging Face checkpoint directory.
@@ -27,7 +27,7 @@ DEFAULT_MODEL = "hetserve:tiny-random"
 
 
 @dataclass(frozen=True, slots=True)
-class TinyLlamaRecipe:
+class TinyRecipe:
     name: str = "tiny-llama-random"
     hidden_size: int = 256
     intermediate_size: int = 512
@@ -42,6 +42,9 @@ class TinyLlamaRecipe:
     seed: int = 0
     head_dim: int | None = None  # hidden_size // num_attention_heads unless set
     dtype: str = "float32"
+    model_type: str = "llama"  # any transformers causal-LM model type
+    tie_word_embeddings: bool = False
+    extra: tuple[tuple[str, object], ...] = ()  # more config fields, (name, value) pairs
 
     @property
     def digest(self) -> str:
@@ -69,7 +72,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
-def _train_tokenizer(recipe: TinyLlamaRecipe, out_dir: Path) -> None:
+def _train_tokenizer(recipe: TinyRecipe, out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,11 +90,12 @@ def _train_tokenizer(recipe: TinyLlamaRecipe, out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def _save_model(recipe: TinyLlamaRecipe, vocab_size: int, out_dir: Path) -> None:
+def _save_model(recipe: TinyRecipe, vocab_size: int, out_dir: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        recipe.model_type,
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_hidden_layers,
@@ -102,16 +106,18 @@ def _save_model(recipe: TinyLlamaRecipe, vocab_size: int, out_dir: Path) -> None
         initializer_range=recipe.initializer_range,
         bos_token_id=0,
         eos_token_id=1,
-        tie_word_embeddings=False,
+        pad_token_id=1,
+        tie_word_embeddings=recipe.tie_word_embeddings,
         dtype=recipe.dtype,
         **({"head_dim": recipe.head_dim} if recipe.head_dim else {}),
+        **dict(recipe.extra),
     )
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, recipe.dtype))
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, recipe.dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def build_tiny_llama(out_dir: Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
+def build_tiny(out_dir: Path, recipe: TinyRecipe = TinyRecipe()) -> Path:
     """Write the checkpoint (config, safetensors, tokenizer) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _train_tokenizer(recipe, out_dir)
@@ -127,7 +133,7 @@ def cache_root() -> Path:
     return Path(base) / "hetserve" / "models"
 
 
-def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
+def default_model_path(recipe: TinyRecipe = TinyRecipe()) -> Path:
     """The cached default checkpoint, built on first use (a few seconds)."""
     target = cache_root() / f"{recipe.name}-{recipe.digest}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
@@ -138,7 +144,7 @@ def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
     # a half-written checkpoint at the cached path.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_tiny_llama(tmp, recipe)
+        build_tiny(tmp, recipe)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
@@ -150,12 +156,12 @@ def default_model_path(recipe: TinyLlamaRecipe = TinyLlamaRecipe()) -> Path:
 
 
 # Built-in checkpoints by the name model.json or --model may give.
-BUILTIN: dict[str, TinyLlamaRecipe] = {
-    DEFAULT_MODEL: TinyLlamaRecipe(),
+BUILTIN: dict[str, TinyRecipe] = {
+    DEFAULT_MODEL: TinyRecipe(),
     # KV per token exactly Llama-3-8B's (32 layers, 8 KV heads, head dim 128,
     # bf16: 128 KiB), everything else as small as vLLM allows: for `hetserve
     # bench kv`, which measures the hand-off, not the model.
-    "hetserve:kv-llama3-8b-shape": TinyLlamaRecipe(
+    "hetserve:kv-llama3-8b-shape": TinyRecipe(
         name="kv-llama3-8b-shape",
         hidden_size=128,
         intermediate_size=128,

@@ -142,6 +142,19 @@ def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
         config = EngineArgs(**engine_args).create_model_config()
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"vLLM refuses the engine settings for {engine_args.get('model')}: {exc}") from None
+    unsupported = [
+        why
+        for why, found in (
+            ("it has no attention KV cache", config.is_attention_free),
+            ("it mixes attention with other layer kinds (hybrid KV cache)", config.is_hybrid),
+            ("it uses MLA (latent KV, another layout)", config.use_mla),
+            ("it takes multimodal inputs", config.is_multimodal_model),
+        )
+        if found
+    ]
+    if unsupported:
+        archs = ", ".join(config.architectures or ["?"])
+        raise ConfigError(f"{archs} is not supported by hetserve's KV interchange: " + "; ".join(unsupported))
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
 
 

@@ -126,14 +126,19 @@ def stop(launcher: subprocess.Popen) -> list[str]:
 
 @pytest.fixture(scope="session")
 def reference(engine_args, tmp_path_factory):
-    """Greedy outputs of one offline vLLM engine (no split) for given prompts."""
+    """Outputs of one offline vLLM engine (no split) for given prompts and sampling.
+
+    The engine arguments default to the session server's; pass others for a
+    server on another checkpoint.
+    """
     cache: dict[tuple, list[dict]] = {}
 
-    def outputs(prompts: list[str], sampling: dict) -> list[dict]:
-        key = (tuple(prompts), json.dumps(sampling, sort_keys=True))
+    def outputs(prompts: list[str], sampling: dict, args: dict | None = None) -> list[dict]:
+        args = args or engine_args
+        key = (tuple(prompts), json.dumps(sampling, sort_keys=True), json.dumps(args, sort_keys=True, default=str))
         if key not in cache:
             cache[key] = run_engine(
-                {"engine_args": engine_args, "requests": [{"prompt": p, "sampling": sampling} for p in prompts]},
+                {"engine_args": args, "requests": [{"prompt": p, "sampling": sampling} for p in prompts]},
                 tmp_path_factory.mktemp("reference"),
             )
         return cache[key]

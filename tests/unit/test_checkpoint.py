@@ -2,7 +2,7 @@
 
 import hashlib
 
-from hetserve.checkpoint import DEFAULT_MODEL, TinyLlamaRecipe, build_tiny_llama, resolve_model
+from hetserve.checkpoint import DEFAULT_MODEL, TinyRecipe, build_tiny, resolve_model
 
 
 def digest(path):
@@ -10,15 +10,15 @@ def digest(path):
 
 
 def test_build_is_deterministic(tmp_path, model_path):
-    recipe = TinyLlamaRecipe()
-    rebuilt = build_tiny_llama(tmp_path / "again", recipe)
+    recipe = TinyRecipe()
+    rebuilt = build_tiny(tmp_path / "again", recipe)
     assert digest(rebuilt) == digest(model_path)
     assert (rebuilt / "tokenizer.json").read_bytes() == (model_path / "tokenizer.json").read_bytes()
 
 
 def test_resolve_model():
     assert resolve_model("/some/path") == "/some/path"
-    assert resolve_model(DEFAULT_MODEL).endswith(TinyLlamaRecipe().digest)
+    assert resolve_model(DEFAULT_MODEL).endswith(TinyRecipe().digest)
 
 
 def test_tokenizer_round_trips_text(model_path):

@@ -108,10 +108,10 @@ def test_engine_args_parse_as_json_or_strings():
 
 
 def test_settings_come_from_the_checkpoint_unless_set(tmp_path):
-    from hetserve.checkpoint import TinyLlamaRecipe, build_tiny_llama
+    from hetserve.checkpoint import TinyRecipe, build_tiny
     from hetserve.launcher import engine_settings, model_facts
 
-    ckpt = build_tiny_llama(tmp_path / "ckpt", TinyLlamaRecipe(max_position_embeddings=1024, dtype="bfloat16"))
+    ckpt = build_tiny(tmp_path / "ckpt", TinyRecipe(max_position_embeddings=1024, dtype="bfloat16"))
     args = engine_settings(ServeOptions(model=str(ckpt)), names.Model.LLM)
     assert "max_model_len" not in args and "dtype" not in args  # the model's own
     fingerprint, max_len = model_facts(args)
@@ -144,3 +144,32 @@ def test_sizes_parse_with_units():
     from hetserve.cli import _engine_args
 
     assert _engine_args(args) == {"dtype": "bfloat16", "max_model_len": 900, "kv_cache_memory_bytes": 1 << 30}
+
+
+def test_a_context_longer_than_the_models_stops_hetserve_serve_with_a_message(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "hetserve.cli", "serve", "--max-model-len", "4096", "--http-port", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    assert "max_model_len" in done.stderr and "4096" in done.stderr
+    assert "starting" not in done.stderr  # refused before any server started
+
+
+def test_unsupported_architectures_are_refused_by_name(monkeypatch, model_path):
+    from types import SimpleNamespace
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from hetserve.launcher import ConfigError, model_facts
+
+    fake = SimpleNamespace(
+        is_attention_free=False, is_hybrid=False, use_mla=True, is_multimodal_model=False,
+        architectures=["DeepseekV2ForCausalLM"],
+    )
+    monkeypatch.setattr(EngineArgs, "create_model_config", lambda self: fake)
+    with pytest.raises(ConfigError, match="DeepseekV2ForCausalLM is not supported.*MLA"):
+        model_facts({"model": str(model_path)})
