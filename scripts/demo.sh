@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-prompt=${1:-"The quick brown fox jumps over the lazy dog. Why"}
+prompt=${1:-"Beautiful is better than"}
 http=${HTTP_PORT:-8000} grpc=${GRPC_PORT:-8001} metrics=${METRICS_PORT:-8002}
 log=$(mktemp -t hetserve-demo.XXXXXX.log)
 
@@ -21,6 +21,6 @@ until grep -q "hetserve INFO: ready in" "$log"; do
   fi
   sleep 1
 done
-grep -E "RANDOM weights|ready in" "$log" | sed 's/^/demo: /' >&2
+grep -E "built-in|ready in" "$log" | sed 's/^/demo: /' >&2
 echo "demo: prompt: $prompt" >&2
 .venv/bin/hetserve generate "$prompt" --max-tokens 48 --url "127.0.0.1:$grpc"

@@ -1,8 +1,9 @@
 """Built-in checkpoints: small models built locally and deterministically.
 
-Their weights are random, so their text is gibberish; they exist so that the whole
-serving path (tokenizer, vLLM loading, KV transfer) runs on any machine without a
-model hub. The real loading code is used unchanged: vLLM and transformers read it
+They exist so that the whole serving path (tokenizer, vLLM loading, KV
+transfer) runs on any machine without a model hub. Their weights are random,
+except the default's: it is trained briefly on the Zen of Python (which ships
+with Python), so its continuations of that text are recognisable. The real loading code is used unchanged: vLLM and transformers read it
 like any other Hugging Face checkpoint directory.
 """
 
@@ -23,12 +24,12 @@ logger = logging.getLogger(__name__)
 # Bump when the recipe changes, so cached checkpoints are rebuilt.
 RECIPE_VERSION = 1
 # What model.json's "model" says to mean this checkpoint.
-DEFAULT_MODEL = "hetserve:tiny-random"
+DEFAULT_MODEL = "hetserve:tiny-zen"
 
 
 @dataclass(frozen=True, slots=True)
 class TinyRecipe:
-    name: str = "tiny-llama-random"
+    name: str = "tiny-llama"
     hidden_size: int = 256
     intermediate_size: int = 512
     num_hidden_layers: int = 4
@@ -45,6 +46,7 @@ class TinyRecipe:
     model_type: str = "llama"  # any transformers causal-LM model type
     tie_word_embeddings: bool = False
     extra: tuple[tuple[str, object], ...] = ()  # more config fields, (name, value) pairs
+    train_steps: int = 0  # > 0: train on the Zen of Python (train_zen) instead of staying random
 
     @property
     def digest(self) -> str:
@@ -72,6 +74,43 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
+def zen_of_python() -> str:
+    """The Zen of Python, as ``this`` ships it (ROT13) — text every Python has."""
+    import codecs
+    import this
+
+    return codecs.decode(this.s, "rot13")
+
+
+def train_zen(model, tokenizer, steps: int, seed: int) -> float:
+    """Teach ``model`` to continue the Zen of Python; return the last loss.
+
+    Deterministic: seeded crops, one thread. About half a minute on two cores.
+    """
+    import torch
+
+    ids = torch.tensor(tokenizer(zen_of_python())["input_ids"])  # [N]
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    try:
+        window = min(64, len(ids) - 1)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - window, (8,), generator=generator)
+            starts[0] = 0  # the text's own beginning, as a prompt would start
+            batch = torch.stack([ids[s : s + window] for s in starts.tolist()])  # [8, window]
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+    return float(loss)
+
+
 def _train_tokenizer(recipe: TinyRecipe, out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +124,10 @@ def _train_tokenizer(recipe: TinyRecipe, out_dir: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(recipe.seed), trainer=trainer)
+    corpus = _corpus(recipe.seed)
+    if recipe.train_steps:
+        corpus += zen_of_python().splitlines() * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out_dir)
 
@@ -114,6 +156,11 @@ def _save_model(recipe: TinyRecipe, vocab_size: int, out_dir: Path) -> None:
     )
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, recipe.dtype))
+    if recipe.train_steps:
+        from transformers import AutoTokenizer
+
+        loss = train_zen(model, AutoTokenizer.from_pretrained(out_dir), recipe.train_steps, recipe.seed)
+        logger.info("trained %s on the Zen of Python: %d steps, final loss %.3f", recipe.name, recipe.train_steps, loss)
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -133,12 +180,13 @@ def cache_root() -> Path:
     return Path(base) / "hetserve" / "models"
 
 
-def default_model_path(recipe: TinyRecipe = TinyRecipe()) -> Path:
-    """The cached default checkpoint, built on first use (a few seconds)."""
+def default_model_path(recipe: TinyRecipe | None = None) -> Path:
+    """The cached built-in checkpoint (the default one unless given), built on first use."""
+    recipe = recipe or BUILTIN[DEFAULT_MODEL]
     target = cache_root() / f"{recipe.name}-{recipe.digest}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
-    logger.info("Building the default checkpoint (random weights) in %s", target)
+    logger.info("Building the built-in checkpoint %s in %s", recipe.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build aside and rename, so a concurrent or interrupted build never leaves
     # a half-written checkpoint at the cached path.
@@ -157,7 +205,9 @@ def default_model_path(recipe: TinyRecipe = TinyRecipe()) -> Path:
 
 # Built-in checkpoints by the name model.json or --model may give.
 BUILTIN: dict[str, TinyRecipe] = {
-    DEFAULT_MODEL: TinyRecipe(),
+    # The default: a tiny Llama trained for half a minute on the Zen of Python,
+    # so that its continuations of that text can be checked by eye.
+    DEFAULT_MODEL: TinyRecipe(name="tiny-llama-zen", train_steps=200, initializer_range=0.02),
     # KV per token exactly Llama-3-8B's (32 layers, 8 KV heads, head dim 128,
     # bf16: 128 KiB), everything else as small as vLLM allows: for `hetserve
     # bench kv`, which measures the hand-off, not the model.

@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model on tritonserver: llm (decode tier) calling prefill")
-    serve.add_argument("--model", help="checkpoint path or Hugging Face id (default: built-in tiny Llama, random weights)")
+    serve.add_argument("--model", help="checkpoint path or Hugging Face id (default: a built-in tiny Llama trained on the Zen of Python)")
     serve.add_argument("--model-repository", help="Triton model repository (default: the project's)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--http-port", type=int, default=8000)

@@ -202,10 +202,12 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
         _write_config(config, dst / model.value / "config.pbtxt")
-        if engine_args["served_model_name"] in BUILTIN:
+        recipe = BUILTIN.get(engine_args["served_model_name"])
+        if recipe is not None:
+            what = "trained briefly on the Zen of Python only" if recipe.train_steps else "RANDOM weights, gibberish text"
             logger.warning(
-                "%s: serving the built-in %s with RANDOM weights (%s): its text is gibberish",
-                model.value, engine_args["served_model_name"], engine_args["model"],
+                "%s: serving the built-in %s (%s; %s): a toy, not a language model",
+                model.value, engine_args["served_model_name"], what, engine_args["model"],
             )
     prefill, llm = fingerprints[names.Model.PREFILL], fingerprints[names.Model.LLM]
     if prefill != llm:

@@ -48,3 +48,15 @@ def test_logprobs_equal_a_single_engine(server, reference, stream):
                 assert ours[key]["decoded_token"] == theirs[key]["decoded_token"]
         cumulative = float(responses[-1][names.CUMULATIVE_LOGPROB][0])
         assert abs(cumulative - w["cumulative_logprob"]) < TOLERANCE * len(ids)
+
+
+def test_prompt_logprobs_are_served_by_local_prefill(server, reference):
+    sampling = {**SAMPLING, "prompt_logprobs": 1}
+    prompt = PROMPTS[-1]  # long: would otherwise go to prefill
+    (want,) = reference([prompt], sampling)
+    responses = infer_stream(server.grpc_url, "llm", {
+        names.TEXT_INPUT: strings(prompt),
+        names.STREAM: np.array([True]),
+        names.SAMPLING_PARAMETERS: strings(json.dumps(sampling)),
+    })
+    assert [int(t) for r in responses for t in r[names.OUTPUT_IDS]] == want["token_ids"]

@@ -2,7 +2,7 @@
 
 import hashlib
 
-from hetserve.checkpoint import DEFAULT_MODEL, TinyRecipe, build_tiny, resolve_model
+from hetserve.checkpoint import BUILTIN, DEFAULT_MODEL, build_tiny, resolve_model
 
 
 def digest(path):
@@ -10,7 +10,7 @@ def digest(path):
 
 
 def test_build_is_deterministic(tmp_path, model_path):
-    recipe = TinyRecipe()
+    recipe = BUILTIN[DEFAULT_MODEL]
     rebuilt = build_tiny(tmp_path / "again", recipe)
     assert digest(rebuilt) == digest(model_path)
     assert (rebuilt / "tokenizer.json").read_bytes() == (model_path / "tokenizer.json").read_bytes()
@@ -18,7 +18,7 @@ def test_build_is_deterministic(tmp_path, model_path):
 
 def test_resolve_model():
     assert resolve_model("/some/path") == "/some/path"
-    assert resolve_model(DEFAULT_MODEL).endswith(TinyRecipe().digest)
+    assert resolve_model(DEFAULT_MODEL).endswith(BUILTIN[DEFAULT_MODEL].digest)
 
 
 def test_tokenizer_round_trips_text(model_path):
@@ -27,3 +27,16 @@ def test_tokenizer_round_trips_text(model_path):
     tok = AutoTokenizer.from_pretrained(model_path)
     text = "Hello world, the quick brown fox: 42 tokens!"
     assert tok.decode(tok(text).input_ids) == text
+
+
+def test_the_default_model_continues_the_zen_of_python(model_path):
+    """Greedy, it continues the text it was trained on, so a person can check it by eye."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    ids = tok("Beautiful is better than", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert tok.decode(out[0]).startswith("Beautiful is better than ugly.\nExplicit is better than implicit.")

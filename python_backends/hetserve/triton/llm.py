@@ -157,7 +157,8 @@ class LLMModel(EngineModel):
                 raise ValueError("text_input is missing")
             ids = self.engine.tokenize(req.text)
             out = _Output(req, len(ids))
-            if len(ids) >= self.remote_min_tokens:
+            # Prompt logprobs need every prompt position computed here: no transfer then.
+            if len(ids) >= self.remote_min_tokens and params.prompt_logprobs is None:
                 try:
                     first, finish, first_logprobs, handoff = await self._prefill(flow, req, ids)
                 except PrefillUnavailable as exc:
