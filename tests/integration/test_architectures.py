@@ -10,15 +10,14 @@ local-prefill length and across KV block boundaries.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from conftest import run_server
 from hetserve import names
 from hetserve.checkpoint import TinyRecipe, default_model_path
 from hetserve.launcher import ServeOptions, engine_settings, model_facts
-from hetserve_client import generate_http, stream_grpc
+from hetserve_client import generate_http
+from triton_calls import stream_ids_concurrently
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
@@ -63,11 +62,7 @@ def test_split_is_exact_for_the_architecture(served, reference):
     lengths = [len(w["prompt_token_ids"]) for w in want]
     assert min(lengths) < 32 and max(lengths) > 2 * 128
 
-    def streamed(prompt):
-        return [t for d in stream_grpc(server.grpc_url, prompt, GREEDY) for t in d.token_ids]
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = list(pool.map(streamed, PROMPTS))
+    got = stream_ids_concurrently(server.grpc_url, PROMPTS, GREEDY)
     for prompt, ids, w in zip(PROMPTS, got, want):
         assert ids == w["token_ids"], f"{arch} ({fingerprint.dtype}): {prompt[:30]!r}"
         completion = generate_http(server.http_url, prompt, GREEDY)

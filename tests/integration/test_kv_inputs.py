@@ -13,9 +13,12 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from hetserve import names
+from hetserve.checkpoint import zen_of_python
 from triton_calls import infer_stream, strings
 
-PROMPT = "Send receive cancel error prompt text output input engine worker! " * 12
+# The text the default model was trained on: what it predicts there depends on
+# the context (the KV), which the negative control needs. Over one KV block.
+PROMPT = zen_of_python()[:600]
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
 
 

@@ -42,3 +42,16 @@ def infer_stream(url: str, model: str, inputs: dict[str, np.ndarray], timeout: f
     finally:
         client.stop_stream()
         client.close()
+
+
+def stream_ids_concurrently(url: str, prompts: list[str], sampling: dict) -> list[list[int]]:
+    """Each prompt's generated token ids, all streamed over gRPC at once (batched on the server)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hetserve_client import stream_grpc
+
+    def one(prompt: str) -> list[int]:
+        return [t for d in stream_grpc(url, prompt, sampling) for t in d.token_ids]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
