@@ -1,13 +1,15 @@
-"""Detokenizing decode's tokens exactly as a single engine would.
+"""Detokenizing tokens that an engine did not generate itself, exactly as a single engine would.
 
-The decode engine's prompt is the prefill prompt plus the first generated
-token; left to itself, vLLM's detokenizer treats that token as prompt, which
-differs from a single engine at the boundary (a first token ending inside a
-UTF-8 character made vLLM emit the whole prompt text). So the decode engine
-runs with ``detokenize=False`` and this module drives vLLM's own incremental
-detokenizer as the single engine does: primed with the prefill prompt, fed
-every generated token from the first. Stop strings are checked by the same
-code, with the same hold-back of text that may start one.
+Two places need it. ``llm`` sends prefill's first token before its own engine
+has produced anything, so it makes that token's text here. And when a client
+sends KV plus tokens already generated (``input_ids``), the engine would take
+those tokens as prompt, which differs from a single engine at the boundary (a
+token ending inside a UTF-8 character made vLLM emit the whole prompt text);
+that engine runs with ``detokenize=False`` and this module turns its tokens
+into text. Both drive vLLM's own incremental detokenizer as a single engine
+does: primed with the prompt, fed every generated token from the first. Stop
+strings are checked by the same code, with the same hold-back of text that may
+start one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Continuation:
         )
         self._detok = IncrementalDetokenizer.from_new_request(tokenizer, request)
         self._detok.update(generated, stop_terminated=False)
-        self._detok.get_next_output_text(finished=True, delta=True)  # prefill already sent this text
+        self._detok.get_next_output_text(finished=True, delta=True)  # the client has these already
 
     def update(self, new_ids: list[int], stop_terminated: bool, finished: bool) -> Delta:
         """The part of ``new_ids`` to emit and its text."""
@@ -47,7 +49,7 @@ class Continuation:
 
 
 def engine_params(params: SamplingParams) -> SamplingParams:
-    """The decode engine's copy: no detokenization, so no stop strings there."""
+    """An engine copy that does not detokenize (so stop strings are checked here, not there)."""
     engine = params.clone()
     engine.stop = []
     engine.detokenize = False
