@@ -369,6 +369,9 @@ class Server:
     def stop(self, timeout: float = 90.0) -> None:
         process = self.process
         if process is not None and process.poll() is None:
+            # What the engines mapped since start-up (vLLM creates more queues
+            # and semaphores later), so it can be removed if they leak it.
+            self.engine_shm |= shm_mapped_by(process.pid)
             process.send_signal(signal.SIGTERM)  # graceful: finalize() stops the engines
             try:
                 process.wait(timeout)
