@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from hetserve.kv import cpu_attn
-from hetserve.kv.slots import Field, MappingCache, SlotError, header, kv_view, now_ns
+from hetserve.kv.slots import Field, MappingCache, SlotError, header, kv_view, now_ns, stamp, written_tokens
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -201,7 +201,7 @@ class HetserveConnector(KVConnectorBase_V1):
         for spec in meta.loads:
             try:
                 head, kv = self._slot(spec)
-                if int(head[Field.NONCE]) != spec.nonce or int(head[Field.NUM_TOKENS]) < spec.num_tokens:
+                if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
                     raise SlotError(f"slot {spec.path} does not hold this request's KV")
                 head[Field.SCATTER_START_NS] = now_ns()
                 cpu_attn.scatter(kv, self._layers, spec.block_ids)
@@ -230,7 +230,6 @@ class HetserveConnector(KVConnectorBase_V1):
                 cpu_attn.gather(self._layers, spec.block_ids, kv)
                 head[Field.GATHER_START_NS] = start
                 head[Field.GATHER_END_NS] = now_ns()
-                head[Field.NUM_TOKENS] = spec.num_tokens
-                head[Field.NONCE] = spec.nonce  # last: the KV is complete
+                stamp(head, spec.nonce, spec.num_tokens)  # last: the KV is complete
             except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
                 logger.warning("KV save for request %s failed: %s", spec.req_id, exc)

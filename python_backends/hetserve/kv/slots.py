@@ -91,6 +91,17 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+def stamp(head: torch.Tensor, nonce: int, num_tokens: int) -> None:
+    """Mark a slot's KV complete for the lending ``nonce`` (after the copy, nonce last)."""
+    head[Field.NUM_TOKENS] = num_tokens
+    head[Field.NONCE] = nonce
+
+
+def written_tokens(head: torch.Tensor, nonce: int) -> int | None:
+    """How many tokens the writer of lending ``nonce`` stamped; None if it did not."""
+    return int(head[Field.NUM_TOKENS]) if int(head[Field.NONCE]) == nonce else None
+
+
 @dataclass(frozen=True, slots=True)
 class SlotRef:
     """What crosses a process boundary instead of the KV: which file, which request."""
@@ -137,22 +148,23 @@ class Slot:
     def kv(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return kv_view(self.data, dtype, shape)
 
+    @property
+    def ref(self) -> SlotRef:
+        return SlotRef(self.path, self.capacity, self.nonce)
+
     def lend(self) -> SlotRef:
         """A reference for one writer: a fresh nonce, the old one cleared."""
         self.nonce = secrets.randbits(62) + 1
         self.header.zero_()
-        return SlotRef(self.path, self.capacity, self.nonce)
+        return self.ref
 
     def complete(self, num_tokens: int) -> bool:
         """Whether the writer finished writing ``num_tokens`` tokens for this lending."""
-        h = self.header
-        return int(h[Field.NONCE]) == self.nonce and int(h[Field.NUM_TOKENS]) == num_tokens
+        return written_tokens(self.header, self.nonce) == num_tokens
 
     def stamp_written(self, num_tokens: int) -> None:
         """Mark the KV complete (a writer that is not a vLLM worker: a stub's copy)."""
-        h = self.header
-        h[Field.NUM_TOKENS] = num_tokens
-        h[Field.NONCE] = self.nonce
+        stamp(self.header, self.nonce, num_tokens)
 
 
 def slot_bytes(kv_bytes: int) -> int:

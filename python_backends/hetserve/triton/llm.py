@@ -43,9 +43,9 @@ from vllm.sampling_params import RequestOutputKind
 from hetserve import names
 from hetserve.connector_params import load_params
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
-from hetserve.kv.slots import Field, Slot, SlotRef, now_ns
-from hetserve.logprobs import entries, logprob_of
 from hetserve.first_token import FIRST_TOKEN_KEY
+from hetserve.kv.slots import Field, Slot, now_ns
+from hetserve.logprobs import entries, logprob_of
 from hetserve.sampling import parse_json, to_sampling_params
 from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
@@ -74,7 +74,6 @@ class Handoff:
     """A slot of this model's that holds a prompt's KV, until the engine has read it."""
 
     slot: Slot
-    ref: SlotRef
     num_tokens: int
     transport: Transport
     gather_ns: tuple[int, int] | None
@@ -232,7 +231,7 @@ class LLMModel(EngineModel):
         engine.output_kind = RequestOutputKind.DELTA
         extra = dict(engine.extra_args or {})
         if handoff is not None:
-            extra["kv_transfer_params"] = load_params(handoff.ref, handoff.num_tokens)
+            extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens)
         if sent is not None:
             extra[FIRST_TOKEN_KEY] = sent.ids[0]
         engine.extra_args = extra or None
@@ -292,8 +291,7 @@ class LLMModel(EngineModel):
         slot = None
         if self.transport is Transport.SHM:
             slot = self.slots.acquire(self.fingerprint.bytes_per_token * len(ids))
-            ref = slot.lend()
-            inputs.append(string_tensor(names.KV_SLOT, ref.to_json()))
+            inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
         try:
             response = await self._call_prefill(inputs)
             if flow.cancelled:
@@ -311,7 +309,7 @@ class LLMModel(EngineModel):
             else:
                 if not slot.complete(len(ids)):
                     raise PrefillUnavailable(f"{self.prefill_model} answered without writing the KV slot")
-                handoff = Handoff(slot, ref, len(ids), Transport.SHM, gather)
+                handoff = Handoff(slot, len(ids), Transport.SHM, gather)
             return first, finish, first_logprobs, handoff
         except BaseException:
             if slot is not None:
@@ -358,7 +356,7 @@ class LLMModel(EngineModel):
     async def _to_slot(self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather) -> Handoff:
         """Copy KV held by a Triton tensor into a slot, off the event loop."""
         slot = self.slots.acquire(kv.numel() * kv.element_size())
-        ref = slot.lend()
+        slot.lend()
 
         def copy() -> None:
             slot.kv(kv.dtype, tuple(kv.shape)).copy_(kv)
@@ -370,7 +368,7 @@ class LLMModel(EngineModel):
         except BaseException:
             self.slots.discard(slot)
             raise
-        return Handoff(slot, ref, num_tokens, transport, gather or (start, now_ns()))
+        return Handoff(slot, num_tokens, transport, gather or (start, now_ns()))
 
     # ---------------------------------------------------------------- responses
 

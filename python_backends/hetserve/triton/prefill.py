@@ -25,7 +25,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
 from hetserve.connector_params import save_params
-from hetserve.kv.slots import Field, MappingCache, Slot, SlotRef, header
+from hetserve.kv.slots import Field, MappingCache, Slot, SlotRef, header, written_tokens
 from hetserve.logprobs import entries
 from hetserve.sampling import parse_json, to_sampling_params
 from hetserve.text import engine_params
@@ -82,7 +82,7 @@ class PrefillModel(EngineModel):
             if not engine_done or flow.cancelled:
                 raise cancellation()
             head = header(written)
-            if int(head[Field.NONCE]) != ref.nonce or int(head[Field.NUM_TOKENS]) != len(ids):
+            if written_tokens(head, ref.nonce) != len(ids):
                 raise RuntimeError("the engine did not save the prompt's KV (see the server log)")
             outputs = [
                 ids_tensor(names.OUTPUT_IDS, completion.token_ids),
