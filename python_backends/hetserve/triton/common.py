@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -95,11 +96,19 @@ class Responder:
 
 
 def send_error(sender: Responder, message: str, code=None) -> None:
+    """End the request with an error, unless it already ended."""
+    if sender.finished:
+        logging.getLogger(__name__).warning("not sent (the request already ended): %s", message)
+        return
     sender.send(error_response(message, code), final=True)
 
 
 def invalid_arg():
     return pb_utils.TritonError.INVALID_ARG
+
+
+def unavailable():
+    return pb_utils.TritonError.UNAVAILABLE
 
 
 def cancelled():
@@ -108,8 +117,6 @@ def cancelled():
 
 def setup_logging() -> None:
     """Send hetserve's log records to the server's log (the stub's stderr)."""
-    import logging
-
     logger = logging.getLogger("hetserve")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -2,7 +2,10 @@
 
 ``execute`` hands each request to the engine loop and returns (as Triton's
 vLLM backend does). Every request ends with exactly one response flagged
-final, errors included. A watcher polls every request in flight for its
+final, errors included, within ``request_timeout_s`` (config.pbtxt). Admission
+control bounds the requests in flight (``max_requests_in_flight``); beyond it
+requests queue (``max_queued_requests``, each at most ``queue_timeout_s``),
+then get an "overloaded" error (UNAVAILABLE). A watcher polls every request in flight for its
 client's cancellation (``response_sender.is_cancelled``) and, where the model
 reads one, the server's CancelBoard (how ``llm`` cancels a BLS request to
 prefill: Triton 2.51 cannot), and aborts it in the engine.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import json
 import logging
 import uuid
@@ -19,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm.exceptions import VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from hetserve import names
+from hetserve.admission import Admission, Overloaded
 from hetserve.cancel import CancelBoard, check_request_id
 from hetserve.engine import EngineLoop, load_engine_args, with_connector
 from hetserve.kv.format import TRITON_DTYPES
 from hetserve.kv.slots import SlotPool
-from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error
+from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,13 @@ class EngineModel:
     kv_role: str = ""
     name: str = ""
     reads_cancel_board: bool = False
+    # config.pbtxt parameters that bound every request, and their defaults
+    limits = {
+        "request_timeout_s": "600",
+        "max_requests_in_flight": "1024",
+        "max_queued_requests": "1024",
+        "queue_timeout_s": "30",
+    }
 
     def __init__(self, args: dict[str, str]):
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
@@ -71,6 +84,13 @@ class EngineModel:
         self.max_model_len = self.engine.max_model_len
         self.config = json.loads(args["model_config"])
         self._check_kv_type()
+        self.request_timeout_s = float(self.limit("request_timeout_s"))
+        self.admission = Admission(
+            self.name,
+            max_requests=int(self.limit("max_requests_in_flight")),
+            max_queued=int(self.limit("max_queued_requests")),
+            queue_timeout_s=float(self.limit("queue_timeout_s")),
+        )
         self.slots = SlotPool(self.name)
         self._active: dict[str, Flow] = {}  # engine loop only
         self.board = CancelBoard()
@@ -80,6 +100,9 @@ class EngineModel:
     def parameter(self, key: str, default: str) -> str:
         """A ``parameters`` entry of config.pbtxt."""
         return self.config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+    def limit(self, key: str) -> str:
+        return self.parameter(key, self.limits[key])
 
     def _check_kv_type(self) -> None:
         tensors = [*self.config.get("input", []), *self.config.get("output", [])]
@@ -118,10 +141,30 @@ class EngineModel:
             send_error(sender, "Request was cancelled", cancelled())
             return
         flow = self._active[request_id] = Flow(request_id, sender)
+        ticket = None
+        deadline = time.monotonic() + self.request_timeout_s
         try:
-            await self.handle(request, flow)
+            ticket = await self.admission.enter()
+            await asyncio.wait_for(self.handle(request, flow), deadline - time.monotonic())
+        except Overloaded as exc:
+            send_error(sender, str(exc), unavailable())
+        except asyncio.TimeoutError:
+            if time.monotonic() < deadline:  # not this request's deadline
+                logger.exception("%s: request %s failed", self.name, request_id)
+                send_error(sender, f"{self.name}: a wait timed out")
+                return
+            if not flow.cancelled:
+                flow.cancelled = True
+                await self.on_cancelled(flow, "it timed out")
+            if not sender.finished:
+                send_error(
+                    sender, f"{self.name}: request {request_id} timed out after {self.request_timeout_s:g} s "
+                    "(request_timeout_s)", unavailable(),
+                )
         except RequestFailed as exc:
             send_error(sender, str(exc), exc.code)
+        except EngineDeadError as exc:  # the launcher's Supervisor loads the model again
+            send_error(sender, f"{self.name}: its vLLM engine died ({exc}); the model is being loaded again", unavailable())
         except (ValueError, VLLMClientError) as exc:  # the request was bad: say what
             send_error(sender, f"{self.name}: {exc}", invalid_arg())
         except Exception as exc:  # noqa: BLE001 - every request gets an answer
@@ -129,6 +172,8 @@ class EngineModel:
             send_error(sender, f"{self.name}: {type(exc).__name__}: {exc}")
         finally:
             self._active.pop(request_id, None)
+            if ticket is not None:
+                self.admission.release(ticket)
 
     async def handle(self, request, flow: Flow) -> None:
         raise NotImplementedError
