@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
         kv_transport=args.kv_transport,
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
         engine_args=_engine_args(args),
+        admin_key=args.admin_key,
+        parameters=_model_parameters(args.model_parameter),
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -71,6 +73,20 @@ def _engine_args(args: argparse.Namespace) -> dict:
     return {**{k: v for k, v in flags.items() if v is not None}, **dict(args.engine_arg)}
 
 
+def _model_parameter(text: str) -> tuple[str, str, str]:
+    match = re.fullmatch(r"([A-Za-z0-9_]+):([A-Za-z0-9_]+)=(.*)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected MODEL:KEY=VALUE (e.g. llm:request_timeout_s=60), got {text!r}")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _model_parameters(items: list[tuple[str, str, str]]) -> dict:
+    out: dict = {}
+    for model, key, value in items:
+        out.setdefault(model, {})[key] = value
+    return out
+
+
 def _engine_arg(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -102,6 +118,14 @@ def parser() -> argparse.ArgumentParser:
         "--remote-prefill-min-tokens", type=int,
         help="prompts of at least this many tokens are prefilled by the prefill model, shorter ones by llm",
     )
+    serve.add_argument(
+        "--admin-key",
+        help="the key for Triton's shared-memory and model-repository APIs (header hetserve-admin-key; default: generated)",
+    )
+    serve.add_argument(
+        "--model-parameter", action="append", default=[], type=_model_parameter, metavar="MODEL:KEY=VALUE",
+        help="set a config.pbtxt parameter of a model, e.g. llm:request_timeout_s=60; repeatable",
+    )
     serve.add_argument("--dtype", help="the engines' dtype (default: the checkpoint's, as vLLM's auto)")
     serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     serve.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
@@ -112,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), throughput, converters", add_help=False)
-    bench.add_argument("which", choices=["kv", "throughput", "converters"])
+    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill)", add_help=False)
+    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

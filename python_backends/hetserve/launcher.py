@@ -6,15 +6,25 @@ model repository adapted to this machine (model path, instance-group placement,
 KV data type), sizes the python backend's shared memory for the largest KV,
 starts the server bound to 127.0.0.1, waits until it is ready, and on
 SIGINT/SIGTERM stops it and removes every /dev/shm file its processes left.
+
+While it runs, a Supervisor (supervisor.py) brings back any model whose stub
+or engine core died. Triton runs with explicit model control for that, and its
+shared-memory and model-repository APIs are restricted to holders of a key the
+launcher generates (``hetserve-admin-key`` header; the key is in the file the
+log names): no client can map the server's memory or unload its models.
+If the launcher dies, tritonserver gets SIGKILL (parent-death signal); the
+next ``hetserve serve`` removes what dead servers left.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,11 +42,12 @@ from hetserve.checkpoint import BUILTIN, resolve_model
 from hetserve import shm
 from hetserve.shm import PREFIX_ENV, SHM_DIR
 from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
+from hetserve.supervisor import ADMIN_HEADER, Supervisor, TritonAdmin, kill_letting_trackers_clean, shm_mapped
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-ENGINE_MODELS = (names.Model.PREFILL, names.Model.LLM)
+ENGINE_MODELS = (names.Model.PREFILL, names.Model.LLM)  # the default repository's
 MiB = 1 << 20
 SHM_REGION_CAP = 1 << 30
 
@@ -51,8 +62,11 @@ class ServeOptions:
     metrics_port: int = 8002
     startup_timeout: float = 900.0
     log_verbose: int = 0
+    admin_key: str | None = None  # for Triton's restricted APIs; generated when None
+    restrict_apis: bool = True
     kv_transport: str | None = None  # llm's kv_transport parameter, if not the repository's
     remote_prefill_min_tokens: int | None = None
+    parameters: dict = field(default_factory=dict)  # {model: {key: value}} over config.pbtxt parameters
     engine_args: dict = field(default_factory=dict)  # over both model.json files
     extra_args: list[str] = field(default_factory=list)
 
@@ -158,7 +172,25 @@ def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
 
 
-def engine_settings(options: ServeOptions, model: names.Model, repository: Path | None = None) -> dict:
+def engine_models(repository: Path) -> list[str]:
+    """The repository's hetserve engine models: prefill tiers (any number) first, then llm.
+
+    A model is one by its backend (``hetserve_prefill`` or ``hetserve_llm``),
+    whatever its name: a second prefill tier is a copy of ``prefill/`` under
+    another name, listed in llm's ``prefill_model`` parameter.
+    """
+    found = {}
+    for config_path in sorted(repository.glob("*/config.pbtxt")):
+        backend = _read_config(config_path).backend
+        if backend in (f"hetserve_{names.Model.PREFILL.value}", f"hetserve_{names.Model.LLM.value}"):
+            found[config_path.parent.name] = backend
+    llm = [m for m, b in found.items() if b == f"hetserve_{names.Model.LLM.value}"]
+    if len(llm) != 1:
+        raise ConfigError(f"{repository} must hold exactly one model with backend hetserve_llm, found {llm or 'none'}")
+    return [m for m in found if m not in llm] + llm
+
+
+def engine_settings(options: ServeOptions, model: names.Model | str, repository: Path | None = None) -> dict:
     """One engine's vLLM arguments, as the server will run them.
 
     Precedence: the command line (``--dtype``, ``--max-model-len``, …,
@@ -166,7 +198,7 @@ def engine_settings(options: ServeOptions, model: names.Model, repository: Path 
     ``max_num_seqs``), then the checkpoint itself: its own context length and
     dtype (vLLM's ``auto``; a built-in checkpoint's recipe names its dtype).
     """
-    path = (repository or options.model_repository) / model.value / "1" / "model.json"
+    path = (repository or options.model_repository) / getattr(model, "value", model) / "1" / "model.json"
     engine_args = {**json.loads(path.read_text()), **options.engine_args}
     given = options.model or engine_args["model"]
     engine_args["served_model_name"] = engine_args.get("served_model_name") or given
@@ -180,52 +212,66 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     """Write the run copy of the repository; return the largest KV in bytes."""
     from tritonclient.grpc import model_config_pb2
 
+    models = engine_models(options.model_repository)
+    unknown = sorted(set(options.parameters) - set(models))
+    if unknown:
+        raise ConfigError(f"no model called {', '.join(unknown)} (models: {', '.join(models)})")
     shutil.copytree(options.model_repository, dst)
     largest = 0
     fingerprints = {}
-    for model in ENGINE_MODELS:
+    for model in models:
         engine_args = engine_settings(options, model, dst)
-        (dst / model.value / "1" / "model.json").write_text(json.dumps(engine_args, indent=2))
+        (dst / model / "1" / "model.json").write_text(json.dumps(engine_args, indent=2))
         fingerprint, max_len = model_facts(engine_args)
         fingerprints[model] = fingerprint
-        logger.info("%s: %s, %s, context %d tokens", model.value, engine_args["model"], fingerprint.dtype, max_len)
+        logger.info("%s: %s, %s, context %d tokens", model, engine_args["model"], fingerprint.dtype, max_len)
         largest = max(largest, fingerprint.bytes_per_token * max_len)
-        config = _read_config(dst / model.value / "config.pbtxt")
+        config = _read_config(dst / model / "config.pbtxt")
         kv_type = model_config_pb2.DataType.Value("TYPE_" + TRITON_DTYPES[fingerprint.torch_dtype])
         for tensor in [*config.input, *config.output]:
             if tensor.name == names.KV_CACHE:
                 tensor.data_type = kv_type
-        if model is names.Model.LLM:
-            _set_parameters(config, options)
+        _set_parameters(config, model, options)
         for group in config.instance_group:
             if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and not gpu:
-                logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model.value)
+                logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model)
                 group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        _write_config(config, dst / model.value / "config.pbtxt")
+        _write_config(config, dst / model / "config.pbtxt")
         recipe = BUILTIN.get(engine_args["served_model_name"])
         if recipe is not None:
             what = "trained briefly on the Zen of Python only" if recipe.train_steps else "RANDOM weights, gibberish text"
             logger.warning(
                 "%s: serving the built-in %s (%s; %s): a toy, not a language model",
-                model.value, engine_args["served_model_name"], what, engine_args["model"],
+                model, engine_args["served_model_name"], what, engine_args["model"],
             )
-    prefill, llm = fingerprints[names.Model.PREFILL], fingerprints[names.Model.LLM]
-    if prefill != llm:
-        diffs = [f"{f}: prefill {getattr(prefill, f)!r}, llm {getattr(llm, f)!r}" for f in prefill.__slots__ if getattr(prefill, f) != getattr(llm, f)]
-        raise ConfigError("prefill and llm would not produce the same KV (" + "; ".join(diffs) + ")")
+    llm = fingerprints[models[-1]]
+    for model in models[:-1]:
+        prefill = fingerprints[model]
+        diffs = [f"{f}: {model} {getattr(prefill, f)!r}, {models[-1]} {getattr(llm, f)!r}" for f in prefill.__slots__ if getattr(prefill, f) != getattr(llm, f)]
+        if diffs:
+            raise ConfigError(f"{model} and {models[-1]} would not produce the same KV (" + "; ".join(diffs) + ")")
     return largest
 
 
-def _set_parameters(config, options: ServeOptions) -> None:
-    """The llm model's routing parameters the command line overrides."""
-    overrides = {
-        "kv_transport": options.kv_transport,
-        "remote_prefill_min_tokens": options.remote_prefill_min_tokens,
-    }
+def _parameter(repo: Path, model: str, key: str, default: str) -> str:
+    config = _read_config(repo / model / "config.pbtxt")
+    return config.parameters[key].string_value if key in config.parameters else default
+
+
+def _set_parameters(config, model: str, options: ServeOptions) -> None:
+    """The config.pbtxt parameters the command line overrides."""
+    overrides = dict(options.parameters.get(model, {}))
+    if config.backend == f"hetserve_{names.Model.LLM.value}":
+        overrides.setdefault("kv_transport", options.kv_transport)
+        overrides.setdefault("remote_prefill_min_tokens", options.remote_prefill_min_tokens)
     for key, value in overrides.items():
-        if value is not None:
-            config.parameters[key].string_value = str(value)
-            logger.info("llm: %s = %s", key, value)
+        if value is None:
+            continue
+        if key not in config.parameters:
+            known = ", ".join(sorted(config.parameters))
+            raise ConfigError(f"{model} has no parameter {key!r} (its parameters: {known})")
+        config.parameters[key].string_value = str(value)
+        logger.info("%s: %s = %s", model, key, value)
 
 
 def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]:
@@ -242,14 +288,49 @@ def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]
     return env
 
 
+def shm_region_sizes(largest_kv: int) -> tuple[int, int]:
+    """The python backend's region per stub: default size and growth step.
+
+    KV crosses Triton's shared memory only with the tensor transport or when
+    a client sends it: room for one on its way in and one on its way out,
+    growing by a whole KV when more are in flight; capped, so that a model
+    with a long context does not claim /dev/shm for tensors it rarely sees.
+    """
+    return min(max(64 * MiB, 2 * largest_kv + 16 * MiB), SHM_REGION_CAP), min(max(16 * MiB, largest_kv), SHM_REGION_CAP)
+
+
+def shm_needed(largest_kv: int, slot_bytes: int, models: int = len(ENGINE_MODELS)) -> int:
+    """/dev/shm the configuration needs: a region per engine model, KV slots in flight and idle."""
+    default, _ = shm_region_sizes(largest_kv)
+    return models * default + 2 * slot_bytes
+
+
+def check_shm_capacity(largest_kv: int, slot_bytes: int, models: int = len(ENGINE_MODELS), directory: str = SHM_DIR) -> None:
+    """Refuse to start where /dev/shm cannot hold what the configuration uses."""
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    need = shm_needed(largest_kv, slot_bytes, models)
+    if free < need:
+        raise ConfigError(
+            f"{directory} has {free / MiB:.0f} MiB free; this configuration needs {need / MiB:.0f} MiB "
+            f"(python backend regions for a {largest_kv / MiB:.0f} MiB KV, and {slot_bytes / MiB:.0f} MiB of KV "
+            "slots in flight plus as much idle). Give the container more (docker run --shm-size), lower "
+            "--max-model-len, or lower llm's prefill_max_kv_bytes parameter."
+        )
+
+
+def restricted_api_args(key: str) -> list[str]:
+    """Triton flags that put its shared-memory and repository APIs behind ``key``."""
+    return [
+        f"--grpc-restricted-protocol=shared-memory,model-repository:{ADMIN_HEADER}={key}",
+        f"--http-restricted-api=shared-memory,model-repository:{ADMIN_HEADER}={key}",
+    ]
+
+
 def server_command(triton: TritonInstall, options: ServeOptions, repo: Path, backends: Path, largest_kv: int, region_prefix: str) -> list[str]:
-    # KV crosses Triton's shared memory only with the tensor transport or when
-    # a client sends it: room for one on its way in and one on its way out,
-    # growing by a whole KV when more are in flight; capped, so that a model
-    # with a long context does not claim /dev/shm for tensors it rarely sees.
-    shm_default = min(max(64 * MiB, 2 * largest_kv + 16 * MiB), SHM_REGION_CAP)
-    shm_growth = min(max(16 * MiB, largest_kv), SHM_REGION_CAP)
+    shm_default, shm_growth = shm_region_sizes(largest_kv)
     host = options.host
+    restricted = restricted_api_args(options.admin_key) if options.restrict_apis and options.admin_key else []
     return [
         str(triton.binary),
         f"--model-repository={repo}",
@@ -261,6 +342,9 @@ def server_command(triton: TritonInstall, options: ServeOptions, repo: Path, bac
         f"--metrics-address={host}",
         f"--metrics-port={options.metrics_port}",
         "--allow-gpu-metrics=false",
+        "--model-control-mode=explicit",  # the Supervisor reloads dead models
+        "--load-model=*",
+        *restricted,
         "--pinned-memory-pool-byte-size=0",
         f"--backend-config=python,shm-default-byte-size={shm_default}",
         f"--backend-config=python,shm-growth-byte-size={shm_growth}",
@@ -298,26 +382,74 @@ def shm_mapped_by(pid: int) -> set[str]:
 
     vLLM's engine processes create shared-memory queues (``psm_*``,
     ``sem.mp-*``) with random names; a process that is killed leaves them
-    behind, so the launcher notes them once the server is up.
+    behind, so the launcher notes them while the server runs.
     """
     import psutil
 
     try:
         root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
+        return shm_mapped([root, *root.children(recursive=True)])
     except psutil.NoSuchProcess:
         return set()
-    found = set()
-    for process in family:
+
+
+def stop_group(pgid: int) -> list[int]:
+    """SIGKILL what is left of a server's process group (its resource trackers last)."""
+    import psutil
+
+    group = []
+    for process in psutil.process_iter(["pid"]):
         try:
-            with open(f"/proc/{process.pid}/maps") as maps:
-                for line in maps:
-                    path = line.rstrip("\n").split(maxsplit=5)[-1]
-                    if path.startswith(SHM_DIR + "/"):
-                        found.add(path.removesuffix(" (deleted)"))
-        except OSError:
+            if os.getpgid(process.pid) == pgid and process.pid != os.getpid():
+                group.append(process)
+        except (psutil.Error, OSError):
             continue
-    return found
+    return kill_letting_trackers_clean(group)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the launcher dies (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def launcher_alive(tag: str) -> bool:
+    import psutil
+
+    try:
+        return "hetserve" in " ".join(psutil.Process(int(tag)).cmdline())
+    except psutil.AccessDenied:  # another user's: not ours to judge
+        return True
+    except (psutil.Error, ValueError):
+        return False
+
+
+def clean_dead_servers() -> list[str]:
+    """Kill the processes and remove the files of hetserve servers whose launcher is gone.
+
+    A launcher killed with SIGKILL takes tritonserver with it (parent-death
+    signal), but vLLM's engine processes outlive it, in tritonserver's process
+    group. The dead launcher's notes name that group and the randomly named
+    files its engines mapped.
+    """
+    dead = {tag for name in os.listdir(SHM_DIR) if (tag := shm.tag_of(name)) and not launcher_alive(tag)}
+    if not dead:
+        return []
+    removed = []
+    for tag in dead:
+        try:
+            notes = json.loads(Path(shm.notes_path(tag)).read_text())
+        except (OSError, ValueError):
+            notes = {}
+        leader = int(notes.get("server_pid") or 0)
+        if leader and not os.path.exists(f"/proc/{leader}"):  # a live leader would be someone else's now
+            stop_group(leader)
+        for path in notes.get("files", []):
+            if os.path.dirname(path) == SHM_DIR and os.path.exists(path):
+                os.unlink(path)
+                removed.append(path)
+        removed += remove_shm([shm.server_prefix(tag), shm.triton_region_prefix(tag)])
+    logger.warning("removed %d /dev/shm file(s) of dead hetserve server(s) %s", len(removed), ", ".join(sorted(dead)))
+    return removed
 
 
 class Server:
@@ -325,17 +457,25 @@ class Server:
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        tag = f"{os.getpid()}"
-        self.shm_prefixes = [shm.server_prefix(tag), shm.triton_region_prefix(tag)]
+        self.tag = f"{os.getpid()}"
+        self.shm_prefixes = [shm.server_prefix(self.tag), shm.triton_region_prefix(self.tag)]
         self.workdir = Path(tempfile.mkdtemp(prefix="hetserve-serve-"))
         self.process: subprocess.Popen | None = None
         self.engine_shm: set[str] = set()
+        self.supervisor: Supervisor | None = None
+        if options.restrict_apis and not options.admin_key:
+            options.admin_key = secrets.token_urlsafe(24)
+        self.key_file = self.workdir / "admin-key"
 
     def start(self) -> None:
         triton = TritonInstall.find()
         gpu = gpu_visible()
         repo = self.workdir / "model_repository"
         largest_kv = prepare_repository(self.options, repo, gpu)
+        clean_dead_servers()
+        self.models = engine_models(repo)
+        slot_bytes = int(_parameter(repo, self.models[-1], "prefill_max_kv_bytes", str(1 << 30)))
+        check_shm_capacity(largest_kv, slot_bytes, len(self.models))
         backends = assemble_backends(triton, self.workdir / "backends")
         command = server_command(triton, self.options, repo, backends, largest_kv, self.shm_prefixes[1])
         logger.info("largest KV accepted: %.1f MiB; starting %s", largest_kv / MiB, " ".join(command))
@@ -343,8 +483,16 @@ class Server:
         # A new session: on shutdown, stubs and vLLM processes are stopped as
         # this process group, never by name.
         self.process = subprocess.Popen(
-            command, env=server_environment(triton, self.shm_prefixes[0]), start_new_session=True
+            command, env=server_environment(triton, self.shm_prefixes[0]), start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+        if self.options.restrict_apis:
+            self.key_file.touch(mode=0o600)
+            self.key_file.write_text(self.options.admin_key + "\n")
+            logger.info(
+                "Triton's shared-memory and model-repository APIs are restricted: send the header "
+                "'%s: <the key in %s>' (or pass --admin-key)", ADMIN_HEADER, self.key_file,
+            )
 
     def wait_ready(self, stop: threading.Event | None = None) -> bool:
         deadline = time.monotonic() + self.options.startup_timeout
@@ -352,7 +500,9 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
             if is_ready(self.options.host, self.options.http_port):
-                self.engine_shm = shm_mapped_by(self.process.pid)
+                admin = TritonAdmin(self.options.host, self.options.http_port, self.options.admin_key)
+                self.supervisor = Supervisor(self.process.pid, admin, self.models)
+                self.watch()
                 logger.info(
                     "ready in %.1f s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
                     time.monotonic() - self.started,
@@ -366,6 +516,17 @@ class Server:
             return False
         raise TimeoutError(f"tritonserver was not ready after {self.options.startup_timeout:.0f} s")
 
+    def watch(self) -> None:
+        """Bring back dead models; keep the notes of engine files up to date."""
+        if self.supervisor is None:
+            return
+        self.supervisor.poll()
+        noted = self.engine_shm | {f for w in self.supervisor.watched.values() for f in w.files} | self.supervisor.lost_files
+        if noted != self.engine_shm:
+            self.engine_shm = noted
+            notes = {"server_pid": self.process.pid, "files": sorted(noted)}
+            Path(shm.notes_path(self.tag)).write_text(json.dumps(notes))
+
     def stop(self, timeout: float = 90.0) -> None:
         process = self.process
         if process is not None and process.poll() is None:
@@ -378,10 +539,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 logger.warning("tritonserver did not stop in %.0f s; killing it", timeout)
         if process is not None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-            except ProcessLookupError:
-                pass
+            stop_group(process.pid)  # whatever of the group is left
+            if process.poll() is None:
+                process.kill()
             process.wait()
         removed = remove_shm(self.shm_prefixes)
         for path in self.engine_shm:
@@ -407,6 +567,7 @@ def serve(options: ServeOptions) -> int:
             return 2
         if server.wait_ready(stop):
             while not stop.is_set() and server.process.poll() is None:
+                server.watch()
                 stop.wait(0.5)
         code = server.process.poll()
         return 0 if code is None else code

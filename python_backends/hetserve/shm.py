@@ -10,6 +10,7 @@ environment.
 from __future__ import annotations
 
 import os
+import re
 
 SHM_DIR = "/dev/shm"
 PREFIX_ENV = "HETSERVE_SHM_PREFIX"
@@ -24,6 +25,23 @@ def server_prefix(tag: str) -> str:
 def triton_region_prefix(tag: str) -> str:
     """The prefix of the python backend's own regions (Triton adds to it)."""
     return f"triton_python_backend_hetserve_{tag}_"
+
+
+def notes_path(tag: str) -> str:
+    """Where the launcher of server ``tag`` lists the files its engines mapped (vLLM's random names)."""
+    return os.path.join(SHM_DIR, server_prefix(tag) + "noted.json")
+
+
+_TAGGED = (re.compile(r"hetserve-(\d+)-"), re.compile(r"triton_python_backend_hetserve_(\d+)_"))
+
+
+def tag_of(name: str) -> str | None:
+    """The launcher pid in a server file's name, if it is one."""
+    for pattern in _TAGGED:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return None
 
 
 def current_prefix() -> str:

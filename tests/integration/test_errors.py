@@ -73,3 +73,27 @@ def test_bad_requests_among_good_ones_lose_nothing(server, expected):
         bads = [pool.submit(bad, case) for case in BAD]
         assert all(f.result() == expected["token_ids"] for f in goods)
         assert all(f.result() for f in bads)
+
+
+def test_shared_memory_and_repository_apis_need_the_admin_key(server):
+    """No client maps the server's memory or unloads its models without the launcher's key."""
+    import tritonclient.http as httpclient
+
+    key_file = re.search(r"hetserve-admin-key: <the key in (\S+)>", server.log_text()).group(1)
+    key = open(key_file).read().strip()
+    region = "/hetserve-test-region"  # never created: the call must be refused before it looks
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        for call in (
+            lambda h: client.register_system_shared_memory("r", region, 64, headers=h),
+            lambda h: client.unload_model("prefill", headers=h),
+            lambda h: client.get_system_shared_memory_status(headers=h),
+        ):
+            with pytest.raises(InferenceServerException, match="This API is restricted"):
+                call(None)
+            with pytest.raises(InferenceServerException, match="This API is restricted"):
+                call({"hetserve-admin-key": "wrong"})
+        assert client.get_system_shared_memory_status(headers={"hetserve-admin-key": key}) == []
+        assert client.is_server_ready()  # inference and health stay open
+    finally:
+        client.close()

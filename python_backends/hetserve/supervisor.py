@@ -1,0 +1,269 @@
+"""Bring back a model whose stub or vLLM engine died, and clear up after it.
+
+Triton 2.51 does not restart the stub of a decoupled Python model: after a
+stub dies, every request to that model fails ("Stub process ... is not
+healthy") while ``/v2/health/ready`` still says ready, and the dead stub's
+vLLM processes live on as orphans. A vLLM engine core that dies leaves its
+model's stub up but unable to serve. The launcher runs Triton with explicit
+model control and calls ``Supervisor.poll`` about twice a second; for each
+model it knows the stub and engine core processes, and when one of them is
+gone it
+
+1. unloads the model through Triton's repository API, so the model (and, with
+   strict readiness, the server) reads not-ready;
+2. kills what is left of the old instance: processes of the server's process
+   group that no longer descend from tritonserver (orphaned engine cores and
+   their workers);
+3. removes the /dev/shm files that the old instance's processes had mapped
+   and no live process maps any more (vLLM's ``psm_*`` queues and
+   ``sem.mp-*`` semaphores: random names, so noted while they are mapped);
+4. loads the model again and waits until it is ready (retrying with a back-off
+   if that fails).
+
+Requests that a dead ``prefill`` held are the ``llm`` model's to end (it gives
+up on them and prefills locally). Requests that a dead ``llm`` stub held cannot
+be ended by anyone: Triton keeps their response factories only in messages to
+that stub (python_backend r24.10, ``python_be.cc``), so their clients wait for
+their own deadline. Killing ``llm``'s engine core instead ends them with an
+error at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from hetserve.shm import SHM_DIR
+
+logger = logging.getLogger(__name__)
+
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+ADMIN_HEADER = "hetserve-admin-key"
+RESTART_BACKOFF_S = (1.0, 5.0, 15.0, 30.0)
+
+
+class TritonAdmin:
+    """The parts of Triton's HTTP API the launcher uses, with the admin key."""
+
+    def __init__(self, host: str, http_port: int, key: str | None):
+        self.base = f"http://{host}:{http_port}"
+        self.key = key
+
+    def _call(self, path: str, body: bytes | None = None, timeout: float = 5.0) -> int:
+        request = urllib.request.Request(self.base + path, data=body, method="POST" if body is not None else "GET")
+        if self.key:
+            request.add_header(ADMIN_HEADER, self.key)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def ready(self, model: str | None = None) -> bool:
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+        return self._call(path) == 200
+
+    def unload(self, model: str) -> bool:
+        return self._call(f"/v2/repository/models/{model}/unload", b"{}", timeout=120) == 200
+
+    def load(self, model: str, timeout: float) -> bool:
+        return self._call(f"/v2/repository/models/{model}/load", b"{}", timeout=timeout) == 200
+
+
+def shm_mapped(processes) -> set[str]:
+    """/dev/shm files mapped by any of ``processes``."""
+    found = set()
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith(SHM_DIR + "/"):
+                        found.add(path.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return found
+
+
+def alive(process: psutil.Process | None) -> bool:
+    try:
+        return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def kill_letting_trackers_clean(processes: list[psutil.Process], grace_s: float = 5.0) -> list[int]:
+    """SIGKILL ``processes``, but give Python's resource trackers among them time to clean up.
+
+    A tracker unlinks the semaphores (``sem.mp-*``) and shared memory
+    (``psm_*``) its processes registered once all of them are gone; killed
+    first, it would leave those files behind.
+    """
+    trackers = [p for p in processes if is_resource_tracker(p)]
+    others = [p for p in processes if p not in trackers]
+    for process in others:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(others, timeout=10)
+    _, late = psutil.wait_procs(trackers, timeout=grace_s)
+    for process in late:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    killed = [p.pid for p in processes]
+    if killed:
+        logger.info("stopped %d orphaned process(es) of the server: %s", len(killed), killed)
+    return killed
+
+
+def stub_model(process: psutil.Process) -> str | None:
+    """The model a Python backend stub serves: its first argument is ``<repo>/<model>/<version>/model.py``."""
+    try:
+        argv = process.cmdline()
+    except psutil.Error:
+        return None
+    if len(argv) < 2 or not argv[0].endswith("triton_python_backend_stub"):
+        return None
+    return Path(argv[1]).parents[1].name
+
+
+def engine_core(stub: psutil.Process) -> psutil.Process | None:
+    try:
+        for child in stub.children():
+            if child.cmdline()[:1] and child.cmdline()[0].startswith(ENGINE_CORE_TITLE):
+                return child
+    except psutil.Error:
+        pass
+    return None
+
+
+@dataclass(slots=True)
+class Watched:
+    """One model instance as last seen: its stub, its engine core, what its processes mapped."""
+
+    stub: psutil.Process
+    engine: psutil.Process | None = None
+    files: set[str] = field(default_factory=set)
+
+
+class Supervisor:
+    def __init__(self, server_pid: int, admin: TritonAdmin, models: list[str], load_timeout: float = 900.0):
+        self.server = psutil.Process(server_pid)
+        self.admin = admin
+        self.models = models
+        self.load_timeout = load_timeout
+        self.watched: dict[str, Watched] = {}
+        self.restarts: dict[str, int] = {m: 0 for m in models}
+        self.lost_files: set[str] = set()  # noted by instances that died
+        self._last_files = 0.0
+
+    def family(self) -> list[psutil.Process]:
+        try:
+            return [self.server, *self.server.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def note(self) -> None:
+        """Learn each model's stub and engine core, and the files they map."""
+        now = time.monotonic()
+        refresh_files = now - self._last_files > 5.0
+        for stub in self.server.children():
+            model = stub_model(stub)
+            if model not in self.models or not alive(stub):
+                continue
+            seen = self.watched.get(model)
+            if seen is None or seen.stub.pid != stub.pid:
+                seen = self.watched[model] = Watched(stub)
+                refresh_files = True
+            if seen.engine is None:
+                seen.engine = engine_core(stub)
+            if refresh_files:
+                try:
+                    seen.files |= shm_mapped([stub, *stub.children(recursive=True)])
+                except psutil.NoSuchProcess:
+                    pass
+        if refresh_files:
+            self._last_files = now
+
+    def dead(self) -> list[tuple[str, str]]:
+        """(model, what died) for each watched model that lost its stub or engine core."""
+        found = []
+        for model, seen in self.watched.items():
+            if not alive(seen.stub):
+                found.append((model, f"its stub (pid {seen.stub.pid})"))
+            elif seen.engine is not None and not alive(seen.engine):
+                found.append((model, f"its vLLM engine core (pid {seen.engine.pid})"))
+        return found
+
+    def poll(self) -> None:
+        self.note()
+        for model, what in self.dead():
+            self.restart(model, what)
+
+    def restart(self, model: str, what: str) -> None:
+        old = self.watched.pop(model)
+        self.lost_files |= old.files
+        self.restarts[model] += 1
+        logger.error("%s: %s died; unloading it (not ready) and loading it again", model, what)
+        self.admin.unload(model)
+        self.kill_orphans()
+        self.remove_unmapped(old.files)
+        for attempt, backoff in enumerate((0.0, *RESTART_BACKOFF_S)):
+            time.sleep(backoff)
+            started = time.monotonic()
+            if self.admin.load(model, self.load_timeout) and self.admin.ready(model):
+                logger.info("%s: loaded again in %.1f s (restart %d)", model, time.monotonic() - started, self.restarts[model])
+                self.note()
+                return
+            logger.error("%s: loading failed (attempt %d)", model, attempt + 1)
+            self.kill_orphans()
+        logger.error("%s: could not be loaded again; it stays unavailable", model)
+
+    def kill_orphans(self) -> list[int]:
+        """SIGKILL processes of the server's group that left tritonserver's tree."""
+        family = {p.pid for p in self.family()}
+        orphans = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.pid not in family and os.getpgid(process.pid) == self.server.pid:
+                    orphans.append(process)
+            except (psutil.Error, OSError):
+                continue
+        return kill_letting_trackers_clean(orphans)
+
+    def remove_unmapped(self, files: set[str]) -> list[str]:
+        """Remove those of ``files`` that no process of the server maps any more."""
+        still = shm_mapped(self.family())
+        removed = []
+        for path in sorted(files - still):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        if removed:
+            logger.info("removed %d /dev/shm file(s) of the dead instance", len(removed))
+        return removed
+
+    def summary(self) -> str:
+        return json.dumps(self.restarts)

@@ -1,0 +1,187 @@
+"""The launcher's fault handling without a server: the Supervisor's decisions,
+clean-up after dead servers, the /dev/shm check, restricted APIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from hetserve import shm, supervisor
+from hetserve.launcher import (
+    ConfigError, ServeOptions, TritonInstall, check_shm_capacity, clean_dead_servers, prepare_repository,
+    server_command,
+)
+from hetserve.supervisor import Supervisor
+
+
+class FakeProcess:
+    def __init__(self, pid, argv, children=()):
+        self.pid, self.argv, self._children, self.dead = pid, argv, list(children), False
+
+    def cmdline(self):
+        return self.argv
+
+    def children(self, recursive=False):
+        out = list(self._children)
+        if recursive:
+            for child in self._children:
+                out += child.children(recursive=True)
+        return [c for c in out if not c.dead]
+
+    def is_running(self):
+        return not self.dead
+
+    def status(self):
+        return psutil.STATUS_ZOMBIE if self.dead else psutil.STATUS_SLEEPING
+
+
+class FakeAdmin:
+    def __init__(self):
+        self.calls = []
+
+    def unload(self, model):
+        self.calls.append(("unload", model))
+        return True
+
+    def load(self, model, timeout):
+        self.calls.append(("load", model))
+        return True
+
+    def ready(self, model=None):
+        return True
+
+
+def tree(prefill_engine_dead=False):
+    def model(name, pid):
+        engine = FakeProcess(pid + 1, ["VLLM::EngineCore"], [FakeProcess(pid + 2, ["VLLM::Worker"])])
+        return FakeProcess(pid, ["/b/python/triton_python_backend_stub", f"/r/{name}/1/model.py", "region"], [engine])
+
+    return FakeProcess(10, ["tritonserver"], [model("prefill", 100), model("llm", 200)])
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    server = tree()
+    monkeypatch.setattr(supervisor.psutil, "Process", lambda pid: server)
+    monkeypatch.setattr(supervisor, "shm_mapped", lambda procs: {f"/dev/shm/psm_{p.pid}" for p in procs})
+    monkeypatch.setattr(Supervisor, "kill_orphans", lambda self: [])
+    removed = []
+    monkeypatch.setattr(Supervisor, "remove_unmapped", lambda self, files: removed.append(set(files)))
+    monkeypatch.setattr(supervisor.time, "sleep", lambda s: None)
+    sup = Supervisor(10, FakeAdmin(), ["prefill", "llm"])
+    return SimpleNamespace(server=server, sup=sup, removed=removed)
+
+
+def test_a_dead_stub_is_unloaded_cleaned_up_and_loaded_again(watched):
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    assert set(sup.watched) == {"prefill", "llm"} and sup.watched["prefill"].engine.pid == 101
+    assert sup.admin.calls == []  # all alive: nothing to do
+    prefill_stub = server._children[0]
+    prefill_stub.dead = True
+    sup.poll()
+    assert sup.admin.calls == [("unload", "prefill"), ("load", "prefill")]
+    assert sup.restarts == {"prefill": 1, "llm": 0}
+    assert watched.removed == [{"/dev/shm/psm_100", "/dev/shm/psm_101", "/dev/shm/psm_102"}]
+    assert "/dev/shm/psm_101" in sup.lost_files  # still removed at stop if anything maps it now
+
+
+def test_a_dead_engine_core_under_a_live_stub_reloads_its_model(watched):
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    llm_engine = server._children[1]._children[0]
+    llm_engine.dead = True
+    sup.poll()
+    assert sup.admin.calls == [("unload", "llm"), ("load", "llm")]
+    assert sup.restarts["llm"] == 1
+
+
+def test_a_model_that_cannot_be_loaded_again_is_retried_then_left_unavailable(watched, caplog):
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    sup.admin.load = lambda model, timeout: False
+    server._children[0].dead = True
+    sup.poll()
+    assert "could not be loaded again; it stays unavailable" in caplog.text
+    assert "prefill" not in sup.watched
+
+
+def test_a_killed_servers_processes_and_files_are_removed_by_the_next_launcher():
+    # A "server" whose leader is gone but whose child lives on in its group,
+    # as vLLM's engine core outlives a SIGKILLed tritonserver.
+    leader = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!"], stdout=subprocess.PIPE, start_new_session=True)
+    orphan = int(leader.stdout.readline())
+    leader.wait()
+    tag = str(leader.pid)  # a dead pid, as a dead launcher's
+    noted = f"/dev/shm/psm_hetserve_test_{os.getpid()}"
+    prefixed = f"/dev/shm/{shm.server_prefix(tag)}llm-slot-1-0"
+    for path in (noted, prefixed):
+        open(path, "wb").close()
+    with open(shm.notes_path(tag), "w") as f:
+        json.dump({"server_pid": leader.pid, "files": [noted]}, f)
+    try:
+        removed = clean_dead_servers()
+        assert {noted, prefixed, shm.notes_path(tag)} <= set(removed)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the orphan was not killed"
+            time.sleep(0.1)
+    finally:
+        for path in (noted, prefixed, shm.notes_path(tag)):
+            if os.path.exists(path):
+                os.unlink(path)
+        if psutil.pid_exists(orphan):
+            os.kill(orphan, 9)
+
+
+def test_a_live_servers_files_are_left_alone():
+    import sys
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hetserve"])
+    mine = f"/dev/shm/{shm.server_prefix(str(launcher.pid))}llm-slot-1-0"
+    open(mine, "wb").close()
+    try:
+        assert mine not in clean_dead_servers()
+        assert os.path.exists(mine)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        os.unlink(mine)
+
+
+def test_too_little_shm_is_refused_with_what_to_change(monkeypatch):
+    monkeypatch.setattr(os, "statvfs", lambda d: SimpleNamespace(f_bavail=64, f_frsize=1 << 20))
+    with pytest.raises(ConfigError, match=r"has 64 MiB free; this configuration needs \d+ MiB.*--shm-size"):
+        check_shm_capacity(largest_kv=32 << 20, slot_bytes=1 << 30)
+    monkeypatch.setattr(os, "statvfs", lambda d: SimpleNamespace(f_bavail=512, f_frsize=1 << 20))
+    check_shm_capacity(largest_kv=1 << 20, slot_bytes=64 << 20)  # 512 MiB is enough for that
+
+
+def test_command_restricts_shared_memory_and_repository_apis(tmp_path):
+    options = ServeOptions(admin_key="k3y")
+    cmd = server_command(TritonInstall.find(), options, tmp_path, tmp_path, largest_kv=1 << 20, region_prefix="p_")
+    assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
+    assert "--grpc-restricted-protocol=shared-memory,model-repository:hetserve-admin-key=k3y" in cmd
+    assert "--http-restricted-api=shared-memory,model-repository:hetserve-admin-key=k3y" in cmd
+
+
+def test_model_parameters_reach_the_run_repository_and_unknown_ones_are_refused(tmp_path, model_path):
+    from hetserve.cli import parser, _model_parameters
+
+    args = parser().parse_args(["serve", "--model-parameter", "llm:request_timeout_s=5", "--model-parameter", "prefill:max_queued_requests=3"])
+    options = ServeOptions(model=str(model_path), parameters=_model_parameters(args.model_parameter))
+    prepare_repository(options, tmp_path / "repo", gpu=False)
+    from test_launcher import config
+
+    assert config(tmp_path / "repo", "llm").parameters["request_timeout_s"].string_value == "5"
+    assert config(tmp_path / "repo", "prefill").parameters["max_queued_requests"].string_value == "3"
+    with pytest.raises(ConfigError, match="llm has no parameter 'request_timeout'"):
+        prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"request_timeout": "5"}}), tmp_path / "b", gpu=False)
+    with pytest.raises(ConfigError, match="no model called decode"):
+        prepare_repository(ServeOptions(model=str(model_path), parameters={"decode": {"x": "1"}}), tmp_path / "c", gpu=False)
