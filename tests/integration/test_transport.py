@@ -1,21 +1,35 @@
 """The tensor transport: prefill returns the KV as a Triton tensor, llm copies it
 into a slot. Chosen per deployment (``kv_transport``); this module starts its own
-server with ``--kv-transport tensor`` and stops it when done."""
+server with ``--kv-transport tensor`` and stops it when done.
+
+The same server runs with tight limits (``--model-parameter``), to check that
+admission control and the request deadline end requests with errors that name
+the limit: two requests in flight, one queued for at most a second, 8 s each."""
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
+from tritonclient.utils import InferenceServerException
 
 from conftest import run_server
 from hetserve_client import generate_http, stream_grpc
 
 PROMPTS = ["model token " * 200, "cache " * 127, "Hello"]
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+LIMITS = [
+    f"--model-parameter=llm:{key}={value}"
+    for key, value in {"request_timeout_s": 8, "max_requests_in_flight": 2, "max_queued_requests": 1, "queue_timeout_s": 1}.items()
+]
 
 
 @pytest.fixture(scope="module")
 def tensor_server(tmp_path_factory):
-    yield from run_server(tmp_path_factory, "--kv-transport", "tensor")
+    yield from run_server(tmp_path_factory, "--kv-transport", "tensor", *LIMITS)
 
 
 def test_tensor_transport_equals_single_engine(tensor_server, reference):
@@ -27,3 +41,33 @@ def test_tensor_transport_equals_single_engine(tensor_server, reference):
     labels = '{model="llm",transport="tensor"}'
     assert metrics["hetserve_kv_handoff_seconds_count" + labels] == 4  # two long prompts, twice each
     assert metrics.get('hetserve_kv_bytes_total{model="llm",transport="shm"}', 0) == 0
+
+
+def test_limits_end_every_request_with_an_error_naming_the_limit(tensor_server, reference):
+    endless = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}  # far more than 8 s here
+    running = threading.Semaphore(0)
+
+    def one(i):
+        try:
+            for n, _ in enumerate(stream_grpc(tensor_server.grpc_url, f"{i} Hello", endless, timeout=60)):
+                if n == 0:
+                    running.release()
+        except InferenceServerException as exc:
+            return exc.message()
+        return "completed"
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        admitted = [pool.submit(one, i) for i in range(2)]
+        assert running.acquire(timeout=30) and running.acquire(timeout=30)  # both in flight
+        queued = pool.submit(one, 2)
+        time.sleep(0.2)  # the third waits in the queue (1 s at most) when the fourth comes
+        refused = pool.submit(one, 3)
+        outcomes = [f.result() for f in (*admitted, queued, refused)]
+    assert time.monotonic() - started < 30  # every request ended, none waited for its client's deadline
+    assert all("timed out after 8 s (request_timeout_s)" in o for o in outcomes[:2]), outcomes
+    assert re.search(r"llm is overloaded: 2 of 2 requests in flight, and it waited 1\.\d s in the queue", outcomes[2]), outcomes
+    assert "llm is overloaded: 2 of 2 requests in flight, and 1 queued (the most it queues)" in outcomes[3], outcomes
+    # The engine aborted the timed-out requests: the server is free and exact.
+    want = reference(PROMPTS[:1], GREEDY)[0]["token_ids"]
+    assert [t for d in stream_grpc(tensor_server.grpc_url, PROMPTS[0], GREEDY) for t in d.token_ids] == want

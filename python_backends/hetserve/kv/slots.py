@@ -192,7 +192,8 @@ class SlotPool:
             if self._free[size]:
                 self._idle_bytes -= size
                 return self._free[size].pop()
-            path = f"{self._stem}{next(self._seq)}"
+            # A random part: a client that may call prefill cannot name another request's slot.
+            path = f"{self._stem}{next(self._seq)}-{secrets.token_hex(8)}"
             self._all.add(path)
         try:
             _allocate(path, size)

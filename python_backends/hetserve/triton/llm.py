@@ -16,8 +16,11 @@ request:
 * a client may send the KV itself (``kv_cache``, ``kv_token_ids``,
   ``kv_fingerprint``, ``input_ids``): checked, copied into a slot, loaded.
 
-If the prefill model fails (not the request's own fault), llm prefills locally:
-the client sees a slower first token, not an error. Prefill's first token is
+If the prefill model fails (not the request's own fault), is not ready, does
+not answer within ``prefill_timeout_s``, or has more KV hand-offs in flight
+than its admission allows (``prefill_max_requests``, ``prefill_max_kv_bytes``,
+queueing at most ``prefill_max_queued`` for ``prefill_queue_timeout_s``), llm
+prefills locally: the client sees a slower first token, not an error. Prefill's first token is
 the client's first token; the engine then continues from the loaded KV.
 Cancellation: a request in this engine is aborted here; one still in prefill
 is marked on the CancelBoard, which prefill polls (a BLS request cannot be
@@ -29,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,6 +46,8 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
+from hetserve.admission import Admission, Overloaded, Ticket
+from hetserve.routing import Tier, eligible, order, parse_tiers
 from hetserve.connector_params import load_params
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
 from hetserve.first_token import FIRST_TOKEN_KEY
@@ -56,6 +63,7 @@ from hetserve.triton.metrics import KVMetrics
 logger = logging.getLogger(__name__)
 
 ABORT, ERROR, STOP, LENGTH = "abort", "error", "stop", "length"
+PREFILL_READY_POLL_S = 0.5
 _PREFILL_OUTPUTS = [spec.name for spec in names.IO[names.Model.PREFILL]["outputs"]]
 
 
@@ -77,6 +85,8 @@ class Handoff:
     num_tokens: int
     transport: Transport
     gather_ns: tuple[int, int] | None
+    ticket: Ticket | None = None  # the prefill tier's admission, held until the KV is read
+    tier: Tier | None = None
     loaded: bool = False
 
 
@@ -119,17 +129,26 @@ class LLMModel(EngineModel):
 
     def __init__(self, args: dict[str, str]):
         super().__init__(args)
-        self.prefill_model = self.parameter("prefill_model", names.Model.PREFILL.value)
         self.remote_min_tokens = int(self.parameter("remote_prefill_min_tokens", "32"))
         self.transport = Transport(self.parameter("kv_transport", Transport.SHM.value))
         self.metrics = KVMetrics(self.name)
-        # BLS calls (async_exec) and their blocking response iterators wait in
-        # the loop's default executor: one thread per request in prefill.
-        self._threads = ThreadPoolExecutor(max_workers=512, thread_name_prefix="hetserve-bls")
+        self.prefill_timeout_s = float(self.parameter("prefill_timeout_s", "60"))
+        self.tiers = parse_tiers(
+            self.parameter("prefill_model", names.Model.PREFILL.value), self.remote_min_tokens,
+            lambda model: Admission(
+                model,
+                max_requests=int(self.parameter("prefill_max_requests", "64")),
+                max_queued=int(self.parameter("prefill_max_queued", "64")),
+                queue_timeout_s=float(self.parameter("prefill_queue_timeout_s", "2")),
+                max_bytes=int(self.parameter("prefill_max_kv_bytes", str(1 << 30))),
+            ),
+        )
+        # Copies into slots and readiness checks wait in the loop's default executor.
+        self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hetserve-llm")
         self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
         logger.info(
-            "llm: prompts of >= %d tokens are prefilled by %r (KV transport %s), shorter ones here",
-            self.remote_min_tokens, self.prefill_model, self.transport.value,
+            "llm: prefill tiers %s (KV transport %s); shorter prompts, and those no tier takes, are prefilled here",
+            ", ".join(f"{t.model} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
         )
 
     def finalize(self) -> None:
@@ -142,7 +161,7 @@ class LLMModel(EngineModel):
             await self.abort(flow, why)
         else:  # in prefill, or about to be: prefill polls the board
             self.board.cancel(flow.request_id)
-            logger.info("llm: client cancelled request %s; cancelling it in %s", flow.request_id, self.prefill_model)
+            logger.info("llm: client cancelled request %s; cancelling it in prefill", flow.request_id)
 
     async def handle(self, request, flow: Flow) -> None:
         req = parse(request)
@@ -157,11 +176,13 @@ class LLMModel(EngineModel):
             ids = self.engine.tokenize(req.text)
             out = _Output(req, len(ids))
             # Prompt logprobs need every prompt position computed here: no transfer then.
-            if len(ids) >= self.remote_min_tokens and params.prompt_logprobs is None:
+            tiers = await self._route(len(ids)) if params.prompt_logprobs is None else []
+            for i, tier in enumerate(tiers):
                 try:
-                    first, finish, first_logprobs, handoff = await self._prefill(flow, req, ids)
+                    first, finish, first_logprobs, handoff = await self._prefill(tier, flow, req, ids)
                 except PrefillUnavailable as exc:
-                    logger.warning("llm: %s; prefilling request %s locally", exc, flow.request_id)
+                    then = f"trying {tiers[i + 1].model}" if i + 1 < len(tiers) else "prefilling it locally"
+                    logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
                 else:
                     await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff)
                     return
@@ -196,11 +217,7 @@ class LLMModel(EngineModel):
             await self._generate(flow, out, params, ids, handoff=handoff, sent=sent)
         finally:
             if not handoff.loaded:  # the engine never started: nobody read the slot
-                handoff.loaded = True
-                if finish:
-                    self.slots.release(handoff.slot)
-                else:
-                    self.slots.discard(handoff.slot)
+                self._free(handoff, reuse=bool(finish))
 
     async def _continue_client_kv(self, flow, req: LLMRequest, params: SamplingParams, sent) -> None:
         """Generate after KV a client sent: ``kv_token_ids`` + ``input_ids`` are the context."""
@@ -267,33 +284,50 @@ class LLMModel(EngineModel):
             raise RequestFailed("llm: the engine ended the request without a finish reason")
         finally:
             if handoff is not None and not handoff.loaded:
-                self.slots.discard(handoff.slot)  # the worker may still read it
-                handoff.loaded = True
+                self._free(handoff, reuse=False)  # the worker may still read it
+
+    def _free(self, handoff: Handoff, reuse: bool) -> None:
+        """Done with a hand-off: its slot back to the pool (``reuse``) or unlinked, its admission freed."""
+        handoff.loaded = True
+        (self.slots.release if reuse else self.slots.discard)(handoff.slot)
+        if handoff.ticket is not None:
+            handoff.tier.admission.release(handoff.ticket)
 
     def _loaded(self, handoff: Handoff) -> None:
         """The step that read the KV has run: record it, reuse the slot."""
-        handoff.loaded = True
         head = handoff.slot.header
         scatter = (int(head[Field.SCATTER_START_NS]), int(head[Field.SCATTER_END_NS]))
         nbytes = self.fingerprint.bytes_per_token * handoff.num_tokens
-        self.slots.release(handoff.slot)
+        self._free(handoff, reuse=True)
         if scatter[0]:
             self.metrics.record(handoff.transport.value, nbytes, handoff.gather_ns, scatter)
 
     # ------------------------------------------------------------ remote prefill
 
-    async def _prefill(self, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, list | None, Handoff]:
+    async def _route(self, num_tokens: int) -> list[Tier]:
+        """The prefill tiers to try for a prompt this long, in order (routing.py)."""
+        candidates = eligible(self.tiers, num_tokens)
+        for tier in candidates:
+            await self._refresh_ready(tier)
+        return order(candidates)
+
+    async def _prefill(self, tier: Tier, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, list | None, Handoff]:
         inputs = [
             ids_tensor(names.INPUT_IDS, ids),
             string_tensor(names.SAMPLING_PARAMETERS, req.sampling_parameters),
             string_tensor(names.REQUEST_ID, flow.request_id),
         ]
-        slot = None
-        if self.transport is Transport.SHM:
-            slot = self.slots.acquire(self.fingerprint.bytes_per_token * len(ids))
-            inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
+        kv_bytes = self.fingerprint.bytes_per_token * len(ids)
         try:
-            response = await self._call_prefill(inputs)
+            ticket = await tier.admission.enter(kv_bytes)
+        except Overloaded as exc:
+            raise PrefillUnavailable(str(exc)) from None
+        slot = None
+        try:
+            if self.transport is Transport.SHM:
+                slot = self.slots.acquire(kv_bytes)
+                inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
+            response = await self._call_prefill(tier, flow, inputs)
             if flow.cancelled:
                 raise cancellation()
             first = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
@@ -301,44 +335,85 @@ class LLMModel(EngineModel):
             first_logprobs = json.loads(_output_str(response, names.LOGPROBS))
             kv_ref = json.loads(_output_str(response, names.KV_REF))
             gather = (int(kv_ref["gather_start_ns"]), int(kv_ref["gather_end_ns"]))
-            self._check_prefilled(response, ids)
+            self._check_prefilled(tier, response, ids)
             if slot is None:
                 kv = torch.from_dlpack(_output(response, names.KV_CACHE).to_dlpack())
                 validate_kv(self.fingerprint, self.fingerprint, kv, torch.as_tensor(ids), self.max_model_len)
                 handoff = await self._to_slot(kv, len(ids), Transport.TENSOR, gather)
             else:
                 if not slot.complete(len(ids)):
-                    raise PrefillUnavailable(f"{self.prefill_model} answered without writing the KV slot")
+                    raise PrefillUnavailable(f"{tier.model} answered without writing the KV slot")
                 handoff = Handoff(slot, len(ids), Transport.SHM, gather)
+            handoff.ticket, handoff.tier = ticket, tier
             return first, finish, first_logprobs, handoff
         except BaseException:
+            tier.admission.release(ticket)
             if slot is not None:
                 self.slots.discard(slot)  # prefill's worker may still write it
             raise
 
-    def _check_prefilled(self, response, ids: list[int]) -> None:
+    def _check_prefilled(self, tier: Tier, response, ids: list[int]) -> None:
         fingerprint = ModelFingerprint.from_json(_output_str(response, names.KV_FINGERPRINT))
         if fingerprint != self.fingerprint:
             raise KVMismatchError(
-                f"{self.prefill_model} serves another model: KV fingerprint {fingerprint.to_json()}, "
+                f"{tier.model} serves another model: KV fingerprint {fingerprint.to_json()}, "
                 f"this model's {self.fingerprint.to_json()}"
             )
         if not np.array_equal(_output(response, names.KV_TOKEN_IDS).as_numpy().reshape(-1), ids):
-            raise PrefillUnavailable(f"{self.prefill_model} returned KV for other tokens")
+            raise PrefillUnavailable(f"{tier.model} returned KV for other tokens")
 
-    async def _call_prefill(self, inputs):
-        """The one response of a BLS request to prefill; errors say whose fault."""
+    async def _refresh_ready(self, tier: Tier) -> bool:
+        """Whether Triton has the tier's model loaded (asked at most every PREFILL_READY_POLL_S)."""
+        if time.monotonic() - tier.checked_at >= PREFILL_READY_POLL_S:
+            tier.ready = await asyncio.to_thread(pb_utils.is_model_ready, tier.model)
+            tier.checked_at = time.monotonic()
+        return tier.ready
+
+    async def _call_prefill(self, tier: Tier, flow: Flow, inputs):
+        """The one response of a BLS request to prefill; errors say whose fault.
+
+        The request runs in a thread of its own (``exec`` and its response
+        iterator block), and llm waits for it no longer than prefill is ready
+        and ``prefill_timeout_s`` allows. If prefill's stub dies, that thread
+        blocks for ever (Triton 2.51 never ends a dead stub's requests, and
+        cannot cancel a BLS request): it is left behind, holding nothing of
+        llm's. Not Triton's ``async_exec``: it blocks in the loop's default
+        executor, and enough stuck calls would starve it.
+        """
         request = pb_utils.InferenceRequest(
-            model_name=self.prefill_model, inputs=inputs, requested_output_names=_PREFILL_OUTPUTS
+            model_name=tier.model, inputs=inputs, requested_output_names=_PREFILL_OUTPUTS
         )
         loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        def run() -> None:
+            try:
+                value = list(request.exec(decoupled=True))
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop
+                loop.call_soon_threadsafe(_settle, result, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, result, value, None)
+
+        threading.Thread(target=run, name="hetserve-bls", daemon=True).start()
+        deadline = time.monotonic() + self.prefill_timeout_s
+        while not result.done():
+            await asyncio.wait({result}, timeout=PREFILL_READY_POLL_S)
+            why = None
+            if result.done():
+                break
+            if time.monotonic() > deadline:
+                why = f"{tier.model} did not answer in {self.prefill_timeout_s:g} s (prefill_timeout_s)"
+            elif not await self._refresh_ready(tier):
+                why = f"{tier.model} went down"
+            if why:
+                self.board.cancel(flow.request_id)  # a live prefill stops working on it
+                raise PrefillUnavailable(why)
         try:
-            responses = await request.async_exec(decoupled=True)
+            responses = result.result()
         except pb_utils.TritonModelException as exc:
-            raise PrefillUnavailable(f"{self.prefill_model} is unavailable: {exc}") from None
+            raise PrefillUnavailable(f"{tier.model} is unavailable: {exc}") from None
         found = None
-        # The iterator's next() blocks: it waits in the default executor.
-        while (response := await loop.run_in_executor(None, next, responses, None)) is not None:
+        for response in responses:
             if response.has_error():
                 error = response.error()
                 code = error.code() if hasattr(error, "code") else None
@@ -346,11 +421,11 @@ class LLMModel(EngineModel):
                     raise RequestFailed(error.message(), code)
                 if code == cancelled():
                     raise cancellation()
-                raise PrefillUnavailable(f"{self.prefill_model} failed: {error.message()}")
+                raise PrefillUnavailable(f"{tier.model} failed: {error.message()}")
             if response.output_tensors():
                 found = response
         if found is None:
-            raise PrefillUnavailable(f"{self.prefill_model} returned no output")
+            raise PrefillUnavailable(f"{tier.model} returned no output")
         return found
 
     async def _to_slot(self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather) -> Handoff:
@@ -407,6 +482,15 @@ class LLMModel(EngineModel):
         if req.return_cumulative_logprob:
             tensors.append(pb_utils.Tensor(names.CUMULATIVE_LOGPROB, np.array([out.cumulative], dtype=np.float32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _settle(future: asyncio.Future, value, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
 
 
 def _output(response, name: str):
