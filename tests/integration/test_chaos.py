@@ -1,12 +1,14 @@
 """Chaos: 200 concurrent streams while processes of the server are killed.
 
-Its own server. Three waves of 200 streams (short prompts prefilled by llm,
-long ones by prefill); during the first two the prefill stub is SIGKILLed,
+Its own server, with two prefill tiers (``prefill`` and a copy,
+``prefill_cpu``). Three waves of 200 streams (short prompts prefilled by llm,
+long ones by a tier); during the first two the ``prefill`` stub is SIGKILLed,
 during the third llm's vLLM engine core. The launcher's Supervisor brings each
 back. Every request must end (completed or errored, none hung); every
-completed output must equal a single engine's; while prefill is down llm
-prefills locally, so the first two waves see no error at all; afterwards the
-server answers exactly, and when it stops no file of it is left in /dev/shm.
+completed output must equal a single engine's; while ``prefill`` is down llm
+retries on ``prefill_cpu`` or prefills locally, so the first two waves see no
+error at all; afterwards the server answers exactly, and when it stops no file
+of it is left in /dev/shm.
 
 (A SIGKILLed llm *stub* is brought back too, but the requests it held can only
 end at their clients' deadlines: Triton 2.51 keeps their response factories
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -49,7 +52,19 @@ def prompts(wave: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def chaos_server(tmp_path_factory):
-    yield from run_server(tmp_path_factory)
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "model_repository", repo)
+    shutil.copytree(repo / "prefill", repo / "prefill_cpu")
+    config = repo / "prefill_cpu" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "prefill"', 'name: "prefill_cpu"'))
+    yield from run_server(
+        tmp_path_factory, "--model-repository", str(repo), "--model-parameter", "llm:prefill_model=prefill,prefill_cpu"
+    )
+
+
+def inference_count(server, model: str) -> int:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=5) as response:
+        return json.load(response)["model_stats"][0]["inference_count"]
 
 
 def stub(server, model: str) -> psutil.Process:
@@ -156,7 +171,8 @@ def test_every_request_ends_and_completed_ones_are_exact(chaos_server, reference
             assert engine_core(server, "llm").pid != target.pid
     log = server.log_text()
     assert log.count("died; unloading it (not ready) and loading it again") == 3
-    assert "prefilling it locally" in log  # the fallback was taken
+    assert "trying prefill_cpu" in log  # the retry on the other tier was taken
+    assert inference_count(server, "prefill_cpu") > 0 and inference_count(server, "prefill") > 0
 
     # Afterwards: exact, no error, both tiers used again.
     after = prompts(7)[:32]
