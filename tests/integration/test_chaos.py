@@ -156,11 +156,19 @@ def test_every_request_ends_and_completed_ones_are_exact(chaos_server, reference
         old_stub = stub(server, model).pid
         target = engine_core(server, model) if victim.endswith("engine core") else stub(server, model)
 
-        def kill(target=target):
+        not_ready = []
+
+        def kill(target=target, model=model):
             os.kill(target.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # the Supervisor looks twice a second
+            while time.monotonic() < deadline and not not_ready:
+                if not ready(server, model):
+                    not_ready.append(time.monotonic() - deadline + 10)
+                time.sleep(0.1)
 
         outcome = check_exact(run_wave(server, wave_prompts, kill), expected)
         summary[f"wave {wave}: {victim} killed"] = dict(outcome)
+        assert not_ready, f"{model} kept saying ready after {victim} died"
         if model == "prefill":
             # llm prefilled locally while prefill was down: nobody saw an error.
             assert outcome == {"completed": STREAMS}, outcome

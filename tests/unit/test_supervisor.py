@@ -185,3 +185,23 @@ def test_model_parameters_reach_the_run_repository_and_unknown_ones_are_refused(
         prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"request_timeout": "5"}}), tmp_path / "b", gpu=False)
     with pytest.raises(ConfigError, match="no model called decode"):
         prepare_repository(ServeOptions(model=str(model_path), parameters={"decode": {"x": "1"}}), tmp_path / "c", gpu=False)
+
+
+def test_the_server_dies_with_a_killed_launcher():
+    """tritonserver is started with PR_SET_PDEATHSIG: a SIGKILLed launcher takes it along."""
+    import sys
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time; from hetserve.launcher import _die_with_parent; "
+         "p = subprocess.Popen(['sleep', '300'], preexec_fn=_die_with_parent); print(p.pid, flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    server = int(launcher.stdout.readline())
+    assert psutil.pid_exists(server)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the server outlived its launcher"
+        time.sleep(0.1)
