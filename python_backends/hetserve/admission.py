@@ -43,6 +43,11 @@ class Admission:
         self.requests = 0
         self.bytes = 0
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+        self.on_change = None  # called with (requests, queued) after each change, for metrics
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.requests, len(self._waiting))
 
     @property
     def queued(self) -> int:
@@ -62,6 +67,7 @@ class Admission:
     def _admit(self, nbytes: int) -> Ticket:
         self.requests += 1
         self.bytes += nbytes
+        self._changed()
         return Ticket(nbytes)
 
     async def enter(self, nbytes: int = 0) -> Ticket:
@@ -72,6 +78,7 @@ class Admission:
         waiter = asyncio.get_running_loop().create_future()
         entry = (nbytes, waiter)
         self._waiting.append(entry)
+        self._changed()
         started = time.monotonic()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
@@ -88,6 +95,7 @@ class Admission:
                 waiter.cancel()
             try:
                 self._waiting.remove(entry)
+                self._changed()
             except ValueError:
                 pass
 
@@ -97,6 +105,7 @@ class Admission:
         ticket.released = True
         self.requests -= 1
         self.bytes -= ticket.nbytes
+        self._changed()
         while self._waiting:
             nbytes, waiter = self._waiting[0]
             if waiter.done():

@@ -98,6 +98,26 @@ def to_sampling_params(fields: dict[str, Any]):
     if fields.get("n", 1) != 1:
         raise ValueError("sampling_parameters: only n=1 is supported")
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
     except (TypeError, ValueError, VLLMError) as exc:
         raise ValueError(f"invalid sampling_parameters: {exc}") from None
+    _check_wire_types(params)
+    return params
+
+
+def _check_wire_types(params) -> None:
+    """Check the field types as vLLM's engine core will, here, per request.
+
+    ``SamplingParams(...)`` takes any type (``logit_bias=[1, 2]``,
+    ``seed=1.5``, ``bad_words=[1]``); the engine core type-checks each request
+    when it decodes it (msgspec), in its input thread, and a failure there
+    kills that thread: the engine takes no request after it. So a request is
+    put through the same decoding first, and refused with the field named.
+    """
+    import msgspec
+    from vllm import SamplingParams
+
+    try:
+        msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError) as exc:
+        raise ValueError(f"invalid sampling_parameters: {exc}".replace("`$.", "`")) from None

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 ENGINE_CORE_TITLE = "VLLM::EngineCore"
 ADMIN_HEADER = "hetserve-admin-key"
 RESTART_BACKOFF_S = (1.0, 5.0, 15.0, 30.0)
+RETIRED_GRACE_S = 60.0  # for an unloaded instance's stub to finish (vLLM's own shutdown takes up to 30 s)
 
 
 class TritonAdmin:
@@ -175,6 +176,9 @@ class Supervisor:
         self.watched: dict[str, Watched] = {}
         self.restarts: dict[str, int] = {m: 0 for m in models}
         self.lost_files: set[str] = set()  # noted by instances that died
+        # Stubs of unloaded instances, and when to kill them if Triton has not
+        # finished them by then (one that holds calls to a dead prefill never is).
+        self.retired: dict[int, tuple[psutil.Process, float]] = {}
         self._last_files = 0.0
 
     def family(self) -> list[psutil.Process]:
@@ -189,7 +193,7 @@ class Supervisor:
         refresh_files = now - self._last_files > 5.0
         for stub in self.server.children():
             model = stub_model(stub)
-            if model not in self.models or not alive(stub):
+            if model not in self.models or not alive(stub) or stub.pid in self.retired:
                 continue
             seen = self.watched.get(model)
             if seen is None or seen.stub.pid != stub.pid:
@@ -219,10 +223,27 @@ class Supervisor:
         self.note()
         for model, what in self.dead():
             self.restart(model, what)
+        self.reap_retired()
+
+    def reap_retired(self) -> None:
+        """Kill the stubs of unloaded instances that outlive their grace."""
+        now = time.monotonic()
+        for pid, (stub, deadline) in list(self.retired.items()):
+            if not alive(stub):
+                del self.retired[pid]
+            elif now > deadline:
+                logger.warning("stub pid %d of an unloaded instance is still there; killing it", pid)
+                try:
+                    family = [stub, *stub.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    family = []
+                kill_letting_trackers_clean(family)
+                del self.retired[pid]
 
     def restart(self, model: str, what: str) -> None:
         old = self.watched.pop(model)
         self.lost_files |= old.files
+        self.retired[old.stub.pid] = (old.stub, time.monotonic() + RETIRED_GRACE_S)
         self.restarts[model] += 1
         logger.error("%s: %s died; unloading it (not ready) and loading it again", model, what)
         self.admin.unload(model)

@@ -177,6 +177,7 @@ def test_every_request_ends_and_completed_ones_are_exact(chaos_server, reference
         wait_until_reloaded(server, model, old_stub)
         if model == "llm":
             assert engine_core(server, "llm").pid != target.pid
+            retired_llm_stub = old_stub
     log = server.log_text()
     assert log.count("died; unloading it (not ready) and loading it again") == 3
     assert "trying prefill_cpu" in log  # the retry on the other tier was taken
@@ -188,6 +189,12 @@ def test_every_request_ends_and_completed_ones_are_exact(chaos_server, reference
     assert outcome == {"completed": 32}
     summary["after"] = dict(outcome)
     print("\nchaos:", json.dumps(summary), file=sys.stderr)
+
+    # The unloaded llm instance's stub does not linger (the Supervisor's grace is 60 s).
+    deadline = time.monotonic() + 120
+    while psutil.pid_exists(retired_llm_stub) and psutil.Process(retired_llm_stub).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the old llm stub is still running"
+        time.sleep(1)
 
     # Stop it here, and look in /dev/shm: also for vLLM's randomly named files.
     noted = json.loads(Path(notes_path).read_text())["files"]

@@ -1,5 +1,7 @@
 """sampling_parameters: clear errors, and the coercions clients rely on."""
 
+import re
+
 import pytest
 
 from hetserve.sampling import parse_json, to_sampling_params
@@ -60,3 +62,16 @@ def test_deep_or_huge_json_is_refused():
         parse_json("[" * 100000)
     with pytest.raises(ValueError, match="bytes, more than"):
         parse_json('{"stop": "' + "x" * (2 << 20) + '"}')
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"logit_bias": 3}, "logit_bias"),
+    ({"seed": 1.5}, "seed"),
+    ({"bad_words": [1]}, "bad_words[0]"),
+    ({"allowed_token_ids": {"a": 1}}, "allowed_token_ids"),
+])
+def test_wrong_types_are_refused_before_they_reach_the_engine_core(fields, where):
+    # vLLM's engine core would fail to decode these in its input thread, which then dies.
+    with pytest.raises(ValueError, match=rf"invalid sampling_parameters: Expected .* - at `{re.escape(where)}`"):
+        to_sampling_params({"max_tokens": 4, **fields})

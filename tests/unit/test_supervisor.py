@@ -102,6 +102,27 @@ def test_a_dead_engine_core_under_a_live_stub_reloads_its_model(watched):
     assert sup.restarts["llm"] == 1
 
 
+def test_an_unloaded_instances_lingering_stub_is_not_watched_and_is_killed_after_its_grace(watched, monkeypatch):
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    old_stub = server._children[1]
+    old_stub._children[0].dead = True  # llm's engine core dies; its stub lingers
+    new_stub = FakeProcess(300, ["/b/python/triton_python_backend_stub", "/r/llm/1/model.py", "region"],
+                           [FakeProcess(301, ["VLLM::EngineCore"])])
+    sup.admin.load = lambda model, timeout: server._children.append(new_stub) or True
+    sup.poll()
+    assert sup.watched["llm"].stub is new_stub and 200 in sup.retired
+    for _ in range(3):  # no flapping between the two stubs, no second restart
+        sup.poll()
+        assert sup.watched["llm"].stub is new_stub and sup.restarts["llm"] == 1
+    killed = []
+    monkeypatch.setattr(supervisor, "kill_letting_trackers_clean", lambda procs: killed.extend(p.pid for p in procs))
+    monkeypatch.setattr(supervisor, "RETIRED_GRACE_S", 0)
+    sup.retired[200] = (old_stub, 0.0)  # its grace is over
+    sup.poll()
+    assert 200 in killed and 200 not in sup.retired
+
+
 def test_a_model_that_cannot_be_loaded_again_is_retried_then_left_unavailable(watched, caplog):
     sup, server = watched.sup, watched.server
     sup.poll()

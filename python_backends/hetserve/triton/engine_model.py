@@ -19,7 +19,7 @@ import time
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm.exceptions import VLLMClientError
@@ -59,6 +59,7 @@ class Flow:
     cancelled: bool = False
     in_engine: bool = False  # the engine holds it: a cancel aborts it there
     aborted: bool = False
+    arrival: float = field(default_factory=time.monotonic)
 
 
 class EngineModel:
@@ -147,12 +148,14 @@ class EngineModel:
             ticket = await self.admission.enter()
             await asyncio.wait_for(self.handle(request, flow), deadline - time.monotonic())
         except Overloaded as exc:
+            self.refused("overloaded")
             send_error(sender, str(exc), unavailable())
         except asyncio.TimeoutError:
             if time.monotonic() < deadline:  # not this request's deadline
                 logger.exception("%s: request %s failed", self.name, request_id)
                 send_error(sender, f"{self.name}: a wait timed out")
                 return
+            self.refused("timed_out")
             if not flow.cancelled:
                 flow.cancelled = True
                 await self.on_cancelled(flow, "it timed out")
@@ -177,6 +180,9 @@ class EngineModel:
 
     async def handle(self, request, flow: Flow) -> None:
         raise NotImplementedError
+
+    def refused(self, reason: str) -> None:
+        """A request ended by a limit (``overloaded``, ``timed_out``): for metrics."""
 
     async def abort(self, flow: Flow, why: str) -> None:
         """Abort ``flow`` in the engine, once."""

@@ -58,7 +58,7 @@ from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
 from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
 from hetserve.triton.llm_request import LLMRequest, client_kv, parse
-from hetserve.triton.metrics import KVMetrics
+from hetserve.triton.metrics import KVMetrics, ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class _Output:
 
     req: LLMRequest
     num_input: int
+    n: int = 1
+    arrival: float = field(default_factory=time.monotonic)
+    first_at: float | None = None
+    sent: int = 0  # tokens sent or kept
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[dict] | None = None
@@ -132,6 +136,8 @@ class LLMModel(EngineModel):
         self.remote_min_tokens = int(self.parameter("remote_prefill_min_tokens", "32"))
         self.transport = Transport(self.parameter("kv_transport", Transport.SHM.value))
         self.metrics = KVMetrics(self.name)
+        self.serving = ServingMetrics(self.name, args["model_version"])
+        self.admission.on_change = lambda running, queued: self.serving.tier(self.name, running, queued)
         self.prefill_timeout_s = float(self.parameter("prefill_timeout_s", "60"))
         self.tiers = parse_tiers(
             self.parameter("prefill_model", names.Model.PREFILL.value), self.remote_min_tokens,
@@ -146,13 +152,19 @@ class LLMModel(EngineModel):
         # Copies into slots and readiness checks wait in the loop's default executor.
         self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hetserve-llm")
         self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
+        for tier in self.tiers:
+            tier.admission.on_change = lambda running, queued, model=tier.model: self.serving.tier(model, running, queued)
         logger.info(
             "llm: prefill tiers %s (KV transport %s); shorter prompts, and those no tier takes, are prefilled here",
             ", ".join(f"{t.model} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
         )
 
+    def refused(self, reason: str) -> None:
+        self.serving.refused(reason)
+
     def finalize(self) -> None:
         self.metrics.close()
+        self.serving.close()
         super().finalize()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
@@ -174,7 +186,7 @@ class LLMModel(EngineModel):
             if req.text is None:
                 raise ValueError("text_input is missing")
             ids = self.engine.tokenize(req.text)
-            out = _Output(req, len(ids))
+            out = _Output(req, len(ids), params.n, flow.arrival)
             # Prompt logprobs need every prompt position computed here: no transfer then.
             tiers = await self._route(len(ids)) if params.prompt_logprobs is None else []
             for i, tier in enumerate(tiers):
@@ -184,8 +196,10 @@ class LLMModel(EngineModel):
                     then = f"trying {tiers[i + 1].model}" if i + 1 < len(tiers) else "prefilling it locally"
                     logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
                 else:
+                    self.serving.prefilled(tier.model)
                     await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff)
                     return
+            self.serving.prefilled("local")
             await self._generate(flow, out, params, ids)
         finally:
             self.board.clear(flow.request_id)
@@ -221,7 +235,8 @@ class LLMModel(EngineModel):
 
     async def _continue_client_kv(self, flow, req: LLMRequest, params: SamplingParams, sent) -> None:
         """Generate after KV a client sent: ``kv_token_ids`` + ``input_ids`` are the context."""
-        out = _Output(req, len(sent.kv_ids))
+        out = _Output(req, len(sent.kv_ids), params.n, flow.arrival)
+        self.serving.prefilled("client")
         # input_ids are tokens already generated: the engine must not treat them
         # as prompt text, so this model detokenizes (text.py).
         text = Continuation(self.engine.engine.get_tokenizer(), flow.request_id, sent.kv_ids, sent.new_ids, params)
@@ -454,6 +469,12 @@ class LLMModel(EngineModel):
         """Stream a delta, or keep it until the final response."""
         if cumulative is not None:
             out.cumulative = cumulative
+        if ids:
+            out.sent += len(ids)
+            if out.first_at is None:
+                out.first_at = time.monotonic()
+        if finish:
+            self.serving.finished(out.num_input, out.sent, out.n, out.arrival, out.first_at, time.monotonic())
         if out.req.stream:
             flow.sender.send(self._response(out, ids, text, finish, logprobs), final=bool(finish))
             return
