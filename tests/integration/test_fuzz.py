@@ -95,8 +95,9 @@ plausible_values = st.one_of(
 
 @st.composite
 def near_valid(draw, model: str) -> dict[str, np.ndarray]:
-    """A good request with one part changed: where validation is easiest to get subtly wrong."""
-    sampling = {"max_tokens": 8, "temperature": 0, draw(sampling_keys): draw(st.one_of(plausible_values, json_values))}
+    """A good request, as it is or with one part changed: where validation is easiest to get subtly wrong."""
+    changed = draw(st.one_of(st.just({}), st.dictionaries(sampling_keys, st.one_of(plausible_values, json_values), max_size=1)))
+    sampling = {"max_tokens": 8, "temperature": 0, **changed}
     inputs = {
         names.TEXT_INPUT: strings(GOOD * draw(st.integers(1, 12))),  # both sides of the 32-token threshold
         names.SAMPLING_PARAMETERS: strings(json.dumps(sampling)),
