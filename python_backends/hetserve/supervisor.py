@@ -110,6 +110,16 @@ def is_resource_tracker(process: psutil.Process) -> bool:
         return False
 
 
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until none of ``processes`` is alive (zombies count as gone); return those left."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in processes if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if alive(p)]
+    return left
+
+
 def kill_letting_trackers_clean(processes: list[psutil.Process], grace_s: float = 5.0) -> list[int]:
     """SIGKILL ``processes``, but give Python's resource trackers among them time to clean up.
 
@@ -117,6 +127,7 @@ def kill_letting_trackers_clean(processes: list[psutil.Process], grace_s: float 
     (``psm_*``) its processes registered once all of them are gone; killed
     first, it would leave those files behind.
     """
+    processes = [p for p in processes if alive(p)]  # a zombie only waits for its parent
     trackers = [p for p in processes if is_resource_tracker(p)]
     others = [p for p in processes if p not in trackers]
     for process in others:
@@ -124,9 +135,8 @@ def kill_letting_trackers_clean(processes: list[psutil.Process], grace_s: float 
             process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(others, timeout=10)
-    _, late = psutil.wait_procs(trackers, timeout=grace_s)
-    for process in late:
+    _wait_gone(others, 10.0)
+    for process in _wait_gone(trackers, grace_s):
         try:
             process.kill()
         except psutil.Error:

@@ -68,8 +68,11 @@ def server(tmp_path_factory) -> Server:
     yield from run_server(tmp_path_factory)
 
 
-def run_server(tmp_path_factory, *args: str):
-    """Start ``hetserve serve ARGS``, yield it once ready, stop it and check /dev/shm."""
+class PortTaken(Exception):
+    """A port picked as free was taken before the server bound it (another process's ephemeral port)."""
+
+
+def _launch(tmp_path_factory, args) -> tuple[subprocess.Popen, Server]:
     log = tmp_path_factory.mktemp("server") / "server.log"
     http, grpc, metrics = free_port(), free_port(), free_port()
     command = [
@@ -78,20 +81,45 @@ def run_server(tmp_path_factory, *args: str):
     ]
     with open(log, "wb") as out:
         launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(launcher.pid, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
+    return launcher, Server(launcher.pid, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
+
+
+def _wait_started(launcher: subprocess.Popen, server: Server) -> None:
+    started = time.monotonic()
+    deadline = started + STARTUP_TIMEOUT_S
+    while True:
+        if launcher.poll() is not None:
+            if "already in use" in server.log_text():
+                raise PortTaken(server.log_text()[-2000:])
+            pytest.fail(f"hetserve serve exited with {launcher.returncode}:\n{server.log_text()[-6000:]}")
+        try:
+            wait_ready(server.http_url, timeout=5)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-6000:]}")
+    print(f"\nserver ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
+def run_server(tmp_path_factory, *args: str):
+    """Start ``hetserve serve ARGS``, yield it once ready, stop it and check /dev/shm.
+
+    Ports are picked free and then bound by the server; if another process
+    took one in between, the server is started again on others.
+    """
+    for attempt in range(3):
+        launcher, server = _launch(tmp_path_factory, args)
+        try:
+            _wait_started(launcher, server)
+            break
+        except PortTaken as exc:
+            stop(launcher)
+            if attempt == 2:
+                pytest.fail(f"ports taken three times over:\n{exc}")
+        except BaseException:
+            stop(launcher)
+            raise
     try:
-        started = time.monotonic()
-        deadline = started + STARTUP_TIMEOUT_S
-        while True:
-            if launcher.poll() is not None:
-                pytest.fail(f"hetserve serve exited with {launcher.returncode}:\n{server.log_text()[-6000:]}")
-            try:
-                wait_ready(server.http_url, timeout=5)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-6000:]}")
-        print(f"\nserver ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         yield server
     finally:
         leftovers = stop(launcher)

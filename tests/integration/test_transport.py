@@ -4,11 +4,11 @@ server with ``--kv-transport tensor`` and stops it when done.
 
 The same server runs with tight limits (``--model-parameter``), to check that
 admission control and the request deadline end requests with errors that name
-the limit: two requests in flight, one queued for at most a second, 8 s each."""
+the limit: two requests in flight, none queued, 8 s each. (The queue's own
+bounded wait is timing-bound on a busy machine: tests/unit/test_admission.py.)"""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,7 @@ PROMPTS = ["model token " * 200, "cache " * 127, "Hello"]
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
 LIMITS = [
     f"--model-parameter=llm:{key}={value}"
-    for key, value in {"request_timeout_s": 8, "max_requests_in_flight": 2, "max_queued_requests": 1, "queue_timeout_s": 1}.items()
+    for key, value in {"request_timeout_s": 8, "max_requests_in_flight": 2, "max_queued_requests": 0}.items()
 ]
 
 
@@ -57,17 +57,17 @@ def test_limits_end_every_request_with_an_error_naming_the_limit(tensor_server, 
         return "completed"
 
     started = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(3) as pool:
         admitted = [pool.submit(one, i) for i in range(2)]
         assert running.acquire(timeout=30) and running.acquire(timeout=30)  # both in flight
-        queued = pool.submit(one, 2)
-        time.sleep(0.2)  # the third waits in the queue (1 s at most) when the fourth comes
-        refused = pool.submit(one, 3)
-        outcomes = [f.result() for f in (*admitted, queued, refused)]
-    assert time.monotonic() - started < 30  # every request ended, none waited for its client's deadline
-    assert all("timed out after 8 s (request_timeout_s)" in o for o in outcomes[:2]), outcomes
-    assert re.search(r"llm is overloaded: 2 of 2 requests in flight, and it waited 1\.\d s in the queue", outcomes[2]), outcomes
-    assert "llm is overloaded: 2 of 2 requests in flight, and 1 queued (the most it queues)" in outcomes[3], outcomes
+        refused = one(2)
+        outcomes = [f.result() for f in admitted]
+    assert time.monotonic() - started < 40  # every request ended, none waited for its client's deadline
+    assert refused == "llm is overloaded: 2 of 2 requests in flight, and 0 queued (the most it queues)", refused
+    assert all("timed out after 8 s (request_timeout_s)" in o for o in outcomes), outcomes
+    metrics = tensor_server.metrics()
+    assert metrics['hetserve_requests_refused_total{model="llm",reason="overloaded",version="1"}'] == 1
+    assert metrics['hetserve_requests_refused_total{model="llm",reason="timed_out",version="1"}'] == 2
     # The engine aborted the timed-out requests: the server is free and exact.
     want = reference(PROMPTS[:1], GREEDY)[0]["token_ids"]
     assert [t for d in stream_grpc(tensor_server.grpc_url, PROMPTS[0], GREEDY) for t in d.token_ids] == want
