@@ -42,7 +42,7 @@ from hetserve.checkpoint import BUILTIN, resolve_model
 from hetserve import shm
 from hetserve.shm import PREFIX_ENV, SHM_DIR
 from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
-from hetserve.supervisor import ADMIN_HEADER, Supervisor, TritonAdmin, kill_letting_trackers_clean, shm_mapped
+from hetserve.supervisor import ADMIN_HEADER, Supervisor, TritonAdmin, group_members, kill_letting_trackers_clean, shm_mapped
 
 logger = logging.getLogger(__name__)
 
@@ -395,16 +395,7 @@ def shm_mapped_by(pid: int) -> set[str]:
 
 def stop_group(pgid: int) -> list[int]:
     """SIGKILL what is left of a server's process group (its resource trackers last)."""
-    import psutil
-
-    group = []
-    for process in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(process.pid) == pgid and process.pid != os.getpid():
-                group.append(process)
-        except (psutil.Error, OSError):
-            continue
-    return kill_letting_trackers_clean(group)
+    return kill_letting_trackers_clean(group_members(pgid))
 
 
 def _die_with_parent() -> None:

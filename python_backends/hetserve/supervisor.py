@@ -110,6 +110,18 @@ def is_resource_tracker(process: psutil.Process) -> bool:
         return False
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The processes of process group ``pgid`` (this one excepted)."""
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.pid != os.getpid():
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait until none of ``processes`` is alive (zombies count as gone); return those left."""
     deadline = time.monotonic() + timeout
@@ -273,14 +285,7 @@ class Supervisor:
     def kill_orphans(self) -> list[int]:
         """SIGKILL processes of the server's group that left tritonserver's tree."""
         family = {p.pid for p in self.family()}
-        orphans = []
-        for process in psutil.process_iter(["pid"]):
-            try:
-                if process.pid not in family and os.getpgid(process.pid) == self.server.pid:
-                    orphans.append(process)
-            except (psutil.Error, OSError):
-                continue
-        return kill_letting_trackers_clean(orphans)
+        return kill_letting_trackers_clean([p for p in group_members(self.server.pid) if p.pid not in family])
 
     def remove_unmapped(self, files: set[str]) -> list[str]:
         """Remove those of ``files`` that no process of the server maps any more."""
