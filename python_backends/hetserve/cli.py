@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine_args=_engine_args(args),
         admin_key=args.admin_key,
         parameters=_model_parameters(args.model_parameter),
+        models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -105,6 +106,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="checkpoint path or Hugging Face id (default: a built-in tiny Llama trained on the Zen of Python)")
     serve.add_argument("--model-repository", help="Triton model repository (default: the project's)")
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--models", metavar="NAME[,NAME]",
+        help="serve only these engine models of the repository, e.g. prefill on a prefill node whose llm "
+        "runs elsewhere (llm:prefill_model=grpc://HOST:PORT/prefill); default: all",
+    )
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)

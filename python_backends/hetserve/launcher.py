@@ -64,6 +64,7 @@ class ServeOptions:
     log_verbose: int = 0
     admin_key: str | None = None  # for Triton's restricted APIs; generated when None
     restrict_apis: bool = True
+    models: list[str] | None = None  # the engine models to serve; None: all of the repository's
     kv_transport: str | None = None  # llm's kv_transport parameter, if not the repository's
     remote_prefill_min_tokens: int | None = None
     parameters: dict = field(default_factory=dict)  # {model: {key: value}} over config.pbtxt parameters
@@ -172,22 +173,38 @@ def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
 
 
-def engine_models(repository: Path) -> list[str]:
+def engine_models(repository: Path, only: list[str] | None = None) -> list[str]:
     """The repository's hetserve engine models: prefill tiers (any number) first, then llm.
 
     A model is one by its backend (``hetserve_prefill`` or ``hetserve_llm``),
     whatever its name: a second prefill tier is a copy of ``prefill/`` under
-    another name, listed in llm's ``prefill_model`` parameter.
+    another name, listed in llm's ``prefill_model`` parameter. ``only``: the
+    ones this server serves (a prefill node serves only ``prefill``; its llm
+    lives on another server and names it ``grpc://HOST:PORT/prefill``).
     """
+    found = _engine_backends(repository)
+    if only is not None:
+        unknown = sorted(set(only) - set(found))
+        if unknown:
+            raise ConfigError(f"--models: {', '.join(unknown)} not in {repository} (its engine models: {', '.join(found) or 'none'})")
+        found = {m: b for m, b in found.items() if m in only}
+    llm = [m for m, b in found.items() if b == f"hetserve_{names.Model.LLM.value}"]
+    if len(llm) > 1 or not found:
+        raise ConfigError(
+            f"{repository} must hold one model with backend hetserve_llm and any number with hetserve_prefill "
+            f"(or serve some of them: --models); found {', '.join(f'{m} ({b})' for m, b in found.items()) or 'none'}"
+        )
+    return [m for m in found if m not in llm] + llm
+
+
+def _engine_backends(repository: Path) -> dict[str, str]:
+    """{model: backend} for every hetserve engine model in the repository."""
     found = {}
     for config_path in sorted(repository.glob("*/config.pbtxt")):
         backend = _read_config(config_path).backend
         if backend in (f"hetserve_{names.Model.PREFILL.value}", f"hetserve_{names.Model.LLM.value}"):
             found[config_path.parent.name] = backend
-    llm = [m for m, b in found.items() if b == f"hetserve_{names.Model.LLM.value}"]
-    if len(llm) != 1:
-        raise ConfigError(f"{repository} must hold exactly one model with backend hetserve_llm, found {llm or 'none'}")
-    return [m for m in found if m not in llm] + llm
+    return found
 
 
 def engine_settings(options: ServeOptions, model: names.Model | str, repository: Path | None = None) -> dict:
@@ -212,11 +229,14 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     """Write the run copy of the repository; return the largest KV in bytes."""
     from tritonclient.grpc import model_config_pb2
 
-    models = engine_models(options.model_repository)
+    models = engine_models(options.model_repository, options.models)
     unknown = sorted(set(options.parameters) - set(models))
     if unknown:
         raise ConfigError(f"no model called {', '.join(unknown)} (models: {', '.join(models)})")
     shutil.copytree(options.model_repository, dst)
+    for model in sorted(set(_engine_backends(dst)) - set(models)):
+        shutil.rmtree(dst / model)  # served by another server, if at all
+        logger.info("%s: not served here (--models)", model)
     largest = 0
     fingerprints = {}
     for model in models:
@@ -244,6 +264,8 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
                 "%s: serving the built-in %s (%s; %s): a toy, not a language model",
                 model, engine_args["served_model_name"], what, engine_args["model"],
             )
+    if _engine_backends(dst)[models[-1]] != f"hetserve_{names.Model.LLM.value}":
+        return largest  # a prefill node: llm, on another server, checks each answer's fingerprint
     llm = fingerprints[models[-1]]
     for model in models[:-1]:
         prefill = fingerprints[model]

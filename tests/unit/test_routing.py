@@ -13,9 +13,25 @@ def admission(model):
 def test_tiers_parse_with_their_own_or_the_default_minimum():
     tiers = parse_tiers("prefill, prefill_cpu:512", 32, admission)
     assert [(t.model, t.min_tokens) for t in tiers] == [("prefill", 32), ("prefill_cpu", 512)]
-    for bad, message in (("a,a", "listed twice"), ("a:b", "not MODEL or MODEL:MIN_TOKENS"), ("", "not MODEL")):
+    for bad, message in (
+        ("a,a", "listed twice"),
+        ("a:b", "not MODEL, MODEL:MIN_TOKENS or grpc://HOST:PORT/MODEL"),
+        ("", "not MODEL"),
+        ("grpc://h:1/a, grpc://h:1/a:64", "grpc://h:1/a is listed twice"),
+        ("http://h:1/a", "not MODEL"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_tiers(bad, 32, admission)
+
+
+def test_a_tier_on_another_server_is_named_by_its_grpc_address():
+    tiers = parse_tiers("prefill:64, grpc://10.0.0.7:8001/prefill:512, grpc://[::1]:9001/prefill", 32, admission)
+    assert [(t.url, t.model, t.min_tokens) for t in tiers] == [
+        (None, "prefill", 64), ("10.0.0.7:8001", "prefill", 512), ("[::1]:9001", "prefill", 32),
+    ]
+    # Same model name, three tiers: each has its own name and its own admission.
+    assert [t.name for t in tiers] == ["prefill", "grpc://10.0.0.7:8001/prefill", "grpc://[::1]:9001/prefill"]
+    assert [t.admission.name for t in tiers] == [t.name for t in tiers]
 
 
 def test_a_prompt_goes_to_the_tiers_that_take_its_length():

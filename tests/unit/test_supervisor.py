@@ -168,6 +168,9 @@ def test_a_live_servers_files_are_left_alone():
     mine = f"/dev/shm/{shm.server_prefix(str(launcher.pid))}llm-slot-1-0"
     open(mine, "wb").close()
     try:
+        deadline = time.monotonic() + 10  # until exec, the child's command line is pytest's
+        while "hetserve" not in " ".join(psutil.Process(launcher.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert mine not in clean_dead_servers()
         assert os.path.exists(mine)
     finally:

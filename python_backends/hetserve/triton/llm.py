@@ -13,6 +13,9 @@ request:
   cache — two copies, no KV byte through a stub or the server; with
   ``kv_transport: tensor`` the KV comes back as the interchange tensor and
   this stub copies it into a slot (off the event loop);
+* a prefill tier on another Triton server (``grpc://HOST:PORT/MODEL`` in
+  ``prefill_model``) is called over gRPC and returns the interchange tensor,
+  which this stub copies into a slot; cancelling the gRPC call cancels it there;
 * a client may send the KV itself (``kv_cache``, ``kv_token_ids``,
   ``kv_fingerprint``, ``input_ids``): checked, copied into a slot, loaded.
 
@@ -37,6 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 ABORT, ERROR, STOP, LENGTH = "abort", "error", "stop", "length"
 PREFILL_READY_POLL_S = 0.5
+REMOTE_READY_TIMEOUT_S = 2.0
 _PREFILL_OUTPUTS = [spec.name for spec in names.IO[names.Model.PREFILL]["outputs"]]
 
 
@@ -71,10 +76,45 @@ class Transport(str, Enum):
     SHM = "shm"  # a slot lent to prefill on this host
     TENSOR = "tensor"  # the interchange tensor through Triton
     CLIENT = "client"  # KV the client sent
+    GRPC = "grpc"  # the interchange tensor from a prefill tier on another server
 
 
 class PrefillUnavailable(Exception):
     """The prefill tier failed a request through no fault of the request."""
+
+
+class _Reply:
+    """Prefill's one response, from this server (BLS) or another (gRPC), as numpy and torch."""
+
+    def __init__(self, array: Callable[[str], np.ndarray], kv: Callable[[], torch.Tensor]):
+        self.array, self.kv = array, kv
+
+    def text(self, name: str) -> str:
+        value = self.array(name).reshape(-1)[0]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    @classmethod
+    def of_bls(cls, response) -> "_Reply":
+        return cls(
+            lambda name: _output(response, name).as_numpy(),
+            lambda: torch.from_dlpack(_output(response, names.KV_CACHE).to_dlpack()),
+        )
+
+    @classmethod
+    def of_grpc(cls, result) -> "_Reply":
+        def array(name: str) -> np.ndarray:
+            value = result.as_numpy(name)
+            if value is None:
+                raise PrefillUnavailable(f"the prefill response has no {name}")
+            return value
+
+        def kv() -> torch.Tensor:
+            value = array(names.KV_CACHE)
+            if value.dtype.itemsize == 2 and value.dtype != np.float16:  # ml_dtypes.bfloat16: torch has no numpy bf16
+                return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(value)
+
+        return cls(array, kv)
 
 
 @dataclass(slots=True)
@@ -153,10 +193,11 @@ class LLMModel(EngineModel):
         self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hetserve-llm")
         self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
         for tier in self.tiers:
-            tier.admission.on_change = lambda running, queued, model=tier.model: self.serving.tier(model, running, queued)
+            tier.admission.on_change = lambda running, queued, name=tier.name: self.serving.tier(name, running, queued)
         logger.info(
-            "llm: prefill tiers %s (KV transport %s); shorter prompts, and those no tier takes, are prefilled here",
-            ", ".join(f"{t.model} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
+            "llm: prefill tiers %s (KV transport %s; over gRPC from another server); shorter prompts, and "
+            "those no tier takes, are prefilled here",
+            ", ".join(f"{t.name} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
         )
 
     def refused(self, reason: str) -> None:
@@ -165,6 +206,9 @@ class LLMModel(EngineModel):
     def finalize(self) -> None:
         self.metrics.close()
         self.serving.close()
+        for tier in self.tiers:
+            if tier.client is not None:
+                self.engine.submit(tier.client.close())
         super().finalize()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
@@ -193,10 +237,10 @@ class LLMModel(EngineModel):
                 try:
                     first, finish, first_logprobs, handoff = await self._prefill(tier, flow, req, ids)
                 except PrefillUnavailable as exc:
-                    then = f"trying {tiers[i + 1].model}" if i + 1 < len(tiers) else "prefilling it locally"
+                    then = f"trying {tiers[i + 1].name}" if i + 1 < len(tiers) else "prefilling it locally"
                     logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
                 else:
-                    self.serving.prefilled(tier.model)
+                    self.serving.prefilled(tier.name)
                     await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff)
                     return
             self.serving.prefilled("local")
@@ -339,25 +383,31 @@ class LLMModel(EngineModel):
             raise PrefillUnavailable(str(exc)) from None
         slot = None
         try:
-            if self.transport is Transport.SHM:
-                slot = self.slots.acquire(kv_bytes)
-                inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
-            response = await self._call_prefill(tier, flow, inputs)
+            if tier.url is not None:
+                reply = await self._call_remote(tier, flow, ids, req.sampling_parameters)
+            else:
+                if self.transport is Transport.SHM:
+                    slot = self.slots.acquire(kv_bytes)
+                    inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
+                reply = await self._call_prefill(tier, flow, inputs)
             if flow.cancelled:
                 raise cancellation()
-            first = _output(response, names.OUTPUT_IDS).as_numpy().reshape(-1).tolist()
-            finish = _output_str(response, names.FINISH_REASON)
-            first_logprobs = json.loads(_output_str(response, names.LOGPROBS))
-            kv_ref = json.loads(_output_str(response, names.KV_REF))
+            first = reply.array(names.OUTPUT_IDS).reshape(-1).tolist()
+            finish = reply.text(names.FINISH_REASON)
+            first_logprobs = json.loads(reply.text(names.LOGPROBS))
+            kv_ref = json.loads(reply.text(names.KV_REF))
             gather = (int(kv_ref["gather_start_ns"]), int(kv_ref["gather_end_ns"]))
-            self._check_prefilled(tier, response, ids)
+            self._check_prefilled(tier, reply, ids)
             if slot is None:
-                kv = torch.from_dlpack(_output(response, names.KV_CACHE).to_dlpack())
+                kv = reply.kv()
                 validate_kv(self.fingerprint, self.fingerprint, kv, torch.as_tensor(ids), self.max_model_len)
-                handoff = await self._to_slot(kv, len(ids), Transport.TENSOR, gather)
+                if tier.url is None:
+                    handoff = await self._to_slot(kv, len(ids), Transport.TENSOR, gather)
+                else:  # another host's clock: time only the copy here
+                    handoff = await self._to_slot(kv, len(ids), Transport.GRPC, None)
             else:
                 if not slot.complete(len(ids)):
-                    raise PrefillUnavailable(f"{tier.model} answered without writing the KV slot")
+                    raise PrefillUnavailable(f"{tier.name} answered without writing the KV slot")
                 handoff = Handoff(slot, len(ids), Transport.SHM, gather)
             handoff.ticket, handoff.tier = ticket, tier
             return first, finish, first_logprobs, handoff
@@ -367,24 +417,108 @@ class LLMModel(EngineModel):
                 self.slots.discard(slot)  # prefill's worker may still write it
             raise
 
-    def _check_prefilled(self, tier: Tier, response, ids: list[int]) -> None:
-        fingerprint = ModelFingerprint.from_json(_output_str(response, names.KV_FINGERPRINT))
+    def _check_prefilled(self, tier: Tier, reply: _Reply, ids: list[int]) -> None:
+        fingerprint = ModelFingerprint.from_json(reply.text(names.KV_FINGERPRINT))
         if fingerprint != self.fingerprint:
             raise KVMismatchError(
-                f"{tier.model} serves another model: KV fingerprint {fingerprint.to_json()}, "
+                f"{tier.name} serves another model: KV fingerprint {fingerprint.to_json()}, "
                 f"this model's {self.fingerprint.to_json()}"
             )
-        if not np.array_equal(_output(response, names.KV_TOKEN_IDS).as_numpy().reshape(-1), ids):
-            raise PrefillUnavailable(f"{tier.model} returned KV for other tokens")
+        if not np.array_equal(reply.array(names.KV_TOKEN_IDS).reshape(-1), ids):
+            raise PrefillUnavailable(f"{tier.name} returned KV for other tokens")
 
     async def _refresh_ready(self, tier: Tier) -> bool:
-        """Whether Triton has the tier's model loaded (asked at most every PREFILL_READY_POLL_S)."""
+        """Whether the tier's server has its model loaded (asked at most every PREFILL_READY_POLL_S)."""
         if time.monotonic() - tier.checked_at >= PREFILL_READY_POLL_S:
-            tier.ready = await asyncio.to_thread(pb_utils.is_model_ready, tier.model)
+            tier.checked_at = time.monotonic()  # one question at a time
+            if tier.url is None:
+                tier.ready = await asyncio.to_thread(pb_utils.is_model_ready, tier.model)
+            else:
+                try:
+                    tier.ready = await self._remote(tier).is_model_ready(tier.model, client_timeout=REMOTE_READY_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - unreachable, refused, timed out: not ready
+                    tier.ready = False
             tier.checked_at = time.monotonic()
         return tier.ready
 
-    async def _call_prefill(self, tier: Tier, flow: Flow, inputs):
+    def _remote(self, tier: Tier):
+        """The remote tier's gRPC client (asyncio; made in the engine's loop, used only there)."""
+        if tier.client is None:
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            tier.client = InferenceServerClient(tier.url)
+        return tier.client
+
+    async def _call_remote(self, tier: Tier, flow: Flow, ids: list[int], sampling: str | None) -> _Reply:
+        """The one response of a gRPC stream request to a prefill tier on another server.
+
+        Same waits as a BLS call (ready, ``prefill_timeout_s``); giving up, or
+        the client's cancellation, cancels the gRPC call, which Triton passes to
+        the remote prefill as the request's cancellation. The remote server's
+        errors carry no status code over the stream: any of them is the tier's
+        failure, and local prefill then meets the request's own faults again.
+        """
+        from tritonclient.grpc import InferInput
+
+        def tensor(name: str, value: np.ndarray) -> InferInput:
+            item = InferInput(name, list(value.shape), "BYTES" if value.dtype == np.object_ else "INT64")
+            item.set_data_from_numpy(value)
+            return item
+
+        inputs = [
+            tensor(names.INPUT_IDS, np.asarray(ids, dtype=np.int64)),
+            tensor(names.REQUEST_ID, np.array([flow.request_id.encode("utf-8")], dtype=np.object_)),
+        ]
+        if sampling is not None:
+            inputs.append(tensor(names.SAMPLING_PARAMETERS, np.array([sampling.encode("utf-8")], dtype=np.object_)))
+        client = self._remote(tier)
+
+        async def requests():
+            yield {"model_name": tier.model, "inputs": inputs, "request_id": flow.request_id}
+
+        async def call():
+            stream = client.stream_infer(requests())
+            try:
+                async for result, error in stream:
+                    if error is not None:
+                        raise PrefillUnavailable(f"{tier.name} failed: {error.message()}")
+                    if result.get_response().outputs:
+                        return result
+                raise PrefillUnavailable(f"{tier.name} returned no output")
+            except PrefillUnavailable:
+                raise
+            except Exception as exc:  # grpc.aio.AioRpcError and the like: the tier, not the request
+                raise PrefillUnavailable(f"{tier.name} is unavailable: {_first_line(exc)}") from None
+            finally:
+                stream.cancel()
+
+        task = asyncio.ensure_future(call())
+        try:
+            return _Reply.of_grpc(await self._wait_for_prefill(tier, flow, task, task.cancel))
+        finally:
+            task.cancel()
+
+    async def _wait_for_prefill(self, tier: Tier, flow: Flow, result: asyncio.Future, give_up: Callable[[], object]):
+        """``result``, awaited while the tier is ready and ``prefill_timeout_s`` allows."""
+        deadline = time.monotonic() + self.prefill_timeout_s
+        while not result.done():
+            await asyncio.wait({result}, timeout=PREFILL_READY_POLL_S)
+            why = None
+            if result.done():
+                break
+            if flow.cancelled:
+                give_up()
+                raise cancellation()
+            if time.monotonic() > deadline:
+                why = f"{tier.name} did not answer in {self.prefill_timeout_s:g} s (prefill_timeout_s)"
+            elif not await self._refresh_ready(tier):
+                why = f"{tier.name} went down"
+            if why:
+                give_up()
+                raise PrefillUnavailable(why)
+        return result.result()
+
+    async def _call_prefill(self, tier: Tier, flow: Flow, inputs) -> _Reply:
         """The one response of a BLS request to prefill; errors say whose fault.
 
         The request runs in a thread of its own (``exec`` and its response
@@ -410,21 +544,9 @@ class LLMModel(EngineModel):
                 loop.call_soon_threadsafe(_settle, result, value, None)
 
         threading.Thread(target=run, name="hetserve-bls", daemon=True).start()
-        deadline = time.monotonic() + self.prefill_timeout_s
-        while not result.done():
-            await asyncio.wait({result}, timeout=PREFILL_READY_POLL_S)
-            why = None
-            if result.done():
-                break
-            if time.monotonic() > deadline:
-                why = f"{tier.model} did not answer in {self.prefill_timeout_s:g} s (prefill_timeout_s)"
-            elif not await self._refresh_ready(tier):
-                why = f"{tier.model} went down"
-            if why:
-                self.board.cancel(flow.request_id)  # a live prefill stops working on it
-                raise PrefillUnavailable(why)
         try:
-            responses = result.result()
+            # Giving up marks the request on the board: a live prefill stops working on it.
+            responses = await self._wait_for_prefill(tier, flow, result, lambda: self.board.cancel(flow.request_id))
         except pb_utils.TritonModelException as exc:
             raise PrefillUnavailable(f"{tier.model} is unavailable: {exc}") from None
         found = None
@@ -441,7 +563,7 @@ class LLMModel(EngineModel):
                 found = response
         if found is None:
             raise PrefillUnavailable(f"{tier.model} returned no output")
-        return found
+        return _Reply.of_bls(found)
 
     async def _to_slot(self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather) -> Handoff:
         """Copy KV held by a Triton tensor into a slot, off the event loop."""
@@ -521,6 +643,6 @@ def _output(response, name: str):
     return tensor
 
 
-def _output_str(response, name: str) -> str:
-    value = _output(response, name).as_numpy().reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
