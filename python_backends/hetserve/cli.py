@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_key=args.admin_key,
         parameters=_model_parameters(args.model_parameter),
         models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
+        python_envs={model: Path(path).resolve() for model, path in args.python_env},
     )
     if args.model_repository:
         options.model_repository = Path(args.model_repository)
@@ -81,6 +82,13 @@ def _model_parameter(text: str) -> tuple[str, str, str]:
     return match.group(1), match.group(2), match.group(3)
 
 
+def _python_env(text: str) -> tuple[str, str]:
+    model, sep, path = text.partition("=")
+    if not sep or not model or not path:
+        raise argparse.ArgumentTypeError(f"expected MODEL=PATH (e.g. llm=/opt/envs/vllm-cpu), got {text!r}")
+    return model, path
+
+
 def _model_parameters(items: list[tuple[str, str, str]]) -> dict:
     out: dict = {}
     for model, key, value in items:
@@ -123,6 +131,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--remote-prefill-min-tokens", type=int,
         help="prompts of at least this many tokens are prefilled by the prefill model, shorter ones by llm",
+    )
+    serve.add_argument(
+        "--python-env", action="append", default=[], type=_python_env, metavar="MODEL=PATH",
+        help="run MODEL's stub in the Python environment PATH (EXECUTION_ENV_PATH), e.g. prefill=/opt/envs/vllm-cuda "
+        "and llm=/opt/envs/vllm-cpu; build one with scripts/setup.sh PATH; repeatable (default: this environment)",
     )
     serve.add_argument(
         "--admin-key",

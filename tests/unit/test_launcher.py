@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,39 @@ def test_unsupported_architectures_are_refused_by_name(monkeypatch, model_path):
     monkeypatch.setattr(EngineArgs, "create_model_config", lambda self: fake)
     with pytest.raises(ConfigError, match="DeepseekV2ForCausalLM is not supported.*MLA"):
         model_facts({"model": str(model_path)})
+
+
+def test_models_serves_part_of_the_repository(tmp_path, model_path):
+    from hetserve.launcher import ConfigError, ServeOptions, engine_models, prepare_repository
+
+    prepare_repository(ServeOptions(model=str(model_path), models=["prefill"]), tmp_path / "node", gpu=False)
+    assert engine_models(tmp_path / "node") == ["prefill"]  # a prefill node: no llm, no decode engine
+    assert not (tmp_path / "node" / "llm").exists()
+    prepare_repository(ServeOptions(model=str(model_path), models=["llm"]), tmp_path / "decode", gpu=False)
+    assert engine_models(tmp_path / "decode") == ["llm"]
+    with pytest.raises(ConfigError, match="--models: decode not in"):
+        prepare_repository(ServeOptions(model=str(model_path), models=["decode"]), tmp_path / "bad", gpu=False)
+    with pytest.raises(ConfigError, match="no model called llm"):  # its parameters go to the server that serves it
+        prepare_repository(ServeOptions(model=str(model_path), models=["prefill"], parameters={"llm": {"x": "1"}}), tmp_path / "b2", gpu=False)
+
+
+def test_a_python_environment_is_checked_before_start(tmp_path, model_path):
+    import sys
+    import venv
+
+    from hetserve.launcher import ConfigError, ServeOptions, check_python_env, prepare_repository
+
+    found = check_python_env(Path(sys.prefix))  # the launcher's own passes
+    assert found["prefix"] == sys.prefix and found["vllm"] and found["missing"] == []
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)
+    with pytest.raises(ConfigError, match=f"{bare} cannot run a hetserve model: no vllm, torch, numpy, hetserve"):
+        check_python_env(bare)
+    with pytest.raises(ConfigError, match="is not a Python environment.*scripts/setup.sh"):
+        check_python_env(tmp_path / "nowhere")
+    options = ServeOptions(model=str(model_path), python_envs={"prefill": Path(sys.prefix)})
+    prepare_repository(options, tmp_path / "repo", gpu=False)
+    assert config(tmp_path / "repo", "prefill").parameters["EXECUTION_ENV_PATH"].string_value == sys.prefix
+    assert "EXECUTION_ENV_PATH" not in config(tmp_path / "repo", "llm").parameters
+    with pytest.raises(ConfigError, match="no model called decode"):
+        prepare_repository(ServeOptions(model=str(model_path), python_envs={"decode": bare}), tmp_path / "r2", gpu=False)

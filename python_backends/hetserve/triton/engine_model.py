@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import time
 import json
 import logging
@@ -79,6 +80,9 @@ class EngineModel:
     def __init__(self, args: dict[str, str]):
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
         engine_args = with_connector(load_engine_args(model_json), self.kv_role)
+        import vllm
+
+        logger.info("%s: Python environment %s (vllm %s)", self.name, sys.prefix, vllm.__version__)
         logger.info("%s: starting vLLM with %s", self.name, engine_args)
         self.engine = EngineLoop(engine_args, name=f"hetserve-{self.name}")
         self.fingerprint = self.engine.fingerprint
