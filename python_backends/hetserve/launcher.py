@@ -50,6 +50,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_MODELS = (names.Model.PREFILL, names.Model.LLM)  # the default repository's
 MiB = 1 << 20
 SHM_REGION_CAP = 1 << 30
+TRITON_ROOT_ENV = "HETSERVE_TRITON_ROOT"  # a tritonserver install to use instead of nvidia-pytriton's
 
 
 @dataclass(slots=True)
@@ -82,6 +83,16 @@ class TritonInstall:
 
     @classmethod
     def find(cls) -> "TritonInstall":
+        """The tritonserver under $HETSERVE_TRITON_ROOT (an NGC image's /opt/tritonserver), else nvidia-pytriton's."""
+        root = os.environ.get(TRITON_ROOT_ENV)
+        if root:
+            root = Path(root)
+            python = root / "backends" / "python"
+            found = cls(binary=root / "bin" / "tritonserver", python_backend=python, stub=python / "triton_python_backend_stub", libs=root / "lib")
+            for path in (found.binary, found.python_backend, found.stub):
+                if not path.exists():
+                    raise RuntimeError(f"{TRITON_ROOT_ENV}={root}: {path} is missing")
+            return found
         # Located, not imported: only the binaries of nvidia-pytriton are used.
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
@@ -231,13 +242,15 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     from tritonclient.grpc import model_config_pb2
 
     models = engine_models(options.model_repository, options.models)
-    unknown = sorted((set(options.parameters) | set(options.python_envs)) - set(models))
+    everything = _engine_backends(options.model_repository)
+    unknown = sorted((set(options.parameters) | set(options.python_envs)) - set(everything))
     if unknown:
-        raise ConfigError(f"no model called {', '.join(unknown)} (models: {', '.join(models)})")
+        raise ConfigError(f"no model called {', '.join(unknown)} (models: {', '.join(everything)})")
     shutil.copytree(options.model_repository, dst)
-    for model in sorted(set(_engine_backends(dst)) - set(models)):
+    for model in sorted(set(everything) - set(models)):
         shutil.rmtree(dst / model)  # served by another server, if at all
-        logger.info("%s: not served here (--models)", model)
+        # One image, one entrypoint for every pool: settings of a model served elsewhere are not errors.
+        logger.info("%s: not served here (--models); its settings here, if any, are ignored", model)
     largest = 0
     fingerprints = {}
     for model in models:

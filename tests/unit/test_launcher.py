@@ -186,8 +186,10 @@ def test_models_serves_part_of_the_repository(tmp_path, model_path):
     assert engine_models(tmp_path / "decode") == ["llm"]
     with pytest.raises(ConfigError, match="--models: decode not in"):
         prepare_repository(ServeOptions(model=str(model_path), models=["decode"]), tmp_path / "bad", gpu=False)
-    with pytest.raises(ConfigError, match="no model called llm"):  # its parameters go to the server that serves it
-        prepare_repository(ServeOptions(model=str(model_path), models=["prefill"], parameters={"llm": {"x": "1"}}), tmp_path / "b2", gpu=False)
+    # One entrypoint for every pool: settings of a model served elsewhere are ignored, unknown ones refused.
+    prepare_repository(ServeOptions(model=str(model_path), models=["prefill"], parameters={"llm": {"x": "1"}}), tmp_path / "b2", gpu=False)
+    with pytest.raises(ConfigError, match="no model called decode"):
+        prepare_repository(ServeOptions(model=str(model_path), models=["prefill"], parameters={"decode": {"x": "1"}}), tmp_path / "b3", gpu=False)
 
 
 def test_a_python_environment_is_checked_before_start(tmp_path, model_path):
@@ -210,3 +212,20 @@ def test_a_python_environment_is_checked_before_start(tmp_path, model_path):
     assert "EXECUTION_ENV_PATH" not in config(tmp_path / "repo", "llm").parameters
     with pytest.raises(ConfigError, match="no model called decode"):
         prepare_repository(ServeOptions(model=str(model_path), python_envs={"decode": bare}), tmp_path / "r2", gpu=False)
+
+
+def test_an_ngc_images_tritonserver_is_used_when_named(tmp_path, monkeypatch):
+    from hetserve.launcher import TRITON_ROOT_ENV
+
+    root = tmp_path / "opt" / "tritonserver"
+    monkeypatch.setenv(TRITON_ROOT_ENV, str(root))
+    with pytest.raises(RuntimeError, match="bin/tritonserver is missing"):
+        TritonInstall.find()
+    for path in ("bin/tritonserver", "backends/python/libtriton_python.so", "backends/python/triton_python_backend_stub"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).touch()
+    found = TritonInstall.find()
+    assert found.binary == root / "bin" / "tritonserver"
+    assert found.stub == root / "backends" / "python" / "triton_python_backend_stub"
+    monkeypatch.delenv(TRITON_ROOT_ENV)
+    assert "pytriton" in str(TritonInstall.find().binary)  # the wheel's, as on the development machines
