@@ -155,10 +155,17 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill)", add_help=False)
-    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven"])
+    bench = sub.add_parser(
+        "bench", add_help=False,
+        help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill), "
+        "tiers (this device as prefill and decode tier, for hetserve plan)",
+    )
+    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+
+    plan = sub.add_parser("plan", help="cost of homogeneous and split configurations from measured tiers and a price table", add_help=False)
+    plan.add_argument("rest", nargs=argparse.REMAINDER)  # main() hands these to hetserve.plan as they are
 
     gen = sub.add_parser("generate", help="stream one completion from a running server (gRPC)")
     gen.add_argument("prompt")
@@ -174,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hetserve %(levelname)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its options start with "--": argparse's REMAINDER would not take them
+        from hetserve import plan
+
+        return plan.main(argv[1:])
     args = parser().parse_args(argv)
     return args.func(args)
 

@@ -17,13 +17,11 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hetserve.bench import offline
 from hetserve.checkpoint import _WORDS
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -36,17 +34,7 @@ def make_prompts(count: int, seed: int = 0) -> list[str]:
 
 
 def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int, repeats: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps(
-            {"engine_args": engine_args, "prompts": prompts, "max_tokens": max_tokens, "repeats": repeats}
-        ))
-        done = subprocess.run(
-            [sys.executable, "-m", "hetserve.bench.offline", str(request)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"offline vLLM failed:\n{done.stderr[-3000:]}")
-        result = json.loads((Path(tmp) / "result.json").read_text())
+    result = offline.run(engine_args, max_tokens, repeats, prompts=prompts)
     return statistics.median(result["tokens"] / seconds for seconds in result["seconds"])
 
 
