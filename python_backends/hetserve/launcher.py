@@ -193,9 +193,12 @@ def engine_models(repository: Path, only: list[str] | None = None) -> list[str]:
     another name, listed in llm's ``prefill_model`` parameter. ``only``: the
     ones this server serves (a prefill node serves only ``prefill``; its llm
     lives on another server and names it ``grpc://HOST:PORT/prefill``).
+    The ``unified`` baseline (backend ``hetserve_unified``) is served only when named.
     """
     found = _engine_backends(repository)
-    if only is not None:
+    if only is None:  # the A/B baseline runs only when named
+        found = {m: b for m, b in found.items() if b != f"hetserve_{names.Model.UNIFIED.value}"}
+    else:
         unknown = sorted(set(only) - set(found))
         if unknown:
             raise ConfigError(f"--models: {', '.join(unknown)} not in {repository} (its engine models: {', '.join(found) or 'none'})")
@@ -206,7 +209,7 @@ def engine_models(repository: Path, only: list[str] | None = None) -> list[str]:
             f"{repository} must hold one model with backend hetserve_llm and any number with hetserve_prefill "
             f"(or serve some of them: --models); found {', '.join(f'{m} ({b})' for m, b in found.items()) or 'none'}"
         )
-    return [m for m in found if m not in llm] + llm
+    return [m for m in found if m not in llm] + llm  # prefill tiers and unified, then llm
 
 
 def _engine_backends(repository: Path) -> dict[str, str]:
@@ -214,7 +217,7 @@ def _engine_backends(repository: Path) -> dict[str, str]:
     found = {}
     for config_path in sorted(repository.glob("*/config.pbtxt")):
         backend = _read_config(config_path).backend
-        if backend in (f"hetserve_{names.Model.PREFILL.value}", f"hetserve_{names.Model.LLM.value}"):
+        if backend in {f"hetserve_{m.value}" for m in names.Model}:
             found[config_path.parent.name] = backend
     return found
 
@@ -557,7 +560,7 @@ class Server:
         repo = self.workdir / "model_repository"
         largest_kv = prepare_repository(self.options, repo, gpu)
         clean_dead_servers()
-        self.models = engine_models(repo)
+        self.models = engine_models(repo, self.options.models)
         slot_bytes = int(_parameter(repo, self.models[-1], "prefill_max_kv_bytes", str(1 << 30)))
         check_shm_capacity(largest_kv, slot_bytes, len(self.models))
         backends = assemble_backends(triton, self.workdir / "backends")

@@ -15,6 +15,7 @@ from enum import Enum
 class Model(str, Enum):
     LLM = "llm"
     PREFILL = "prefill"
+    UNIFIED = "unified"  # the A/B baseline: llm's interface, one engine, no prefill tier
 
 
 # Client-facing names (Triton vLLM backend).
@@ -108,3 +109,4 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
         ),
     },
 }
+IO[Model.UNIFIED] = IO[Model.LLM]

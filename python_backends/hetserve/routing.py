@@ -2,7 +2,8 @@
 
 ``llm``'s ``prefill_model`` parameter lists the prefill tiers, each with the
 shortest prompt it takes: ``"prefill"`` (one tier, from
-``remote_prefill_min_tokens``), or ``"prefill:32, prefill_cpu:512"``. Per
+``remote_prefill_min_tokens``), ``"prefill:32, prefill_cpu:512"``, or ``""``
+(none: every prompt prefilled locally). Per
 request, the tiers whose minimum the prompt reaches and which are ready are
 tried least loaded first (requests in flight and queued over the tier's
 limit; the listed order breaks ties): the first, then one retry on the next
@@ -48,6 +49,8 @@ def parse_tiers(spec: str, default_min_tokens: int, admission: Callable[[str], A
     ``admission`` makes a tier's admission control from the tier's name.
     """
     tiers = []
+    if not spec.strip():
+        return tiers  # no prefill tier: every prompt is prefilled by llm's own engine
     for item in spec.split(","):
         match = _ITEM.fullmatch(item)
         if not match:
@@ -60,8 +63,6 @@ def parse_tiers(spec: str, default_min_tokens: int, admission: Callable[[str], A
             raise ValueError(f"prefill_model: {tier.name} is listed twice")
         tier.admission = admission(tier.name)
         tiers.append(tier)
-    if not tiers:
-        raise ValueError("prefill_model names no model")
     return tiers
 
 

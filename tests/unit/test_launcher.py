@@ -184,6 +184,10 @@ def test_models_serves_part_of_the_repository(tmp_path, model_path):
     assert not (tmp_path / "node" / "llm").exists()
     prepare_repository(ServeOptions(model=str(model_path), models=["llm"]), tmp_path / "decode", gpu=False)
     assert engine_models(tmp_path / "decode") == ["llm"]
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    assert engine_models(repository) == ["prefill", "llm"]  # the unified baseline only when named
+    assert engine_models(repository, ["unified"]) == ["unified"]
+    assert engine_models(repository, ["llm", "unified", "prefill"]) == ["prefill", "unified", "llm"]
     with pytest.raises(ConfigError, match="--models: decode not in"):
         prepare_repository(ServeOptions(model=str(model_path), models=["decode"]), tmp_path / "bad", gpu=False)
     # One entrypoint for every pool: settings of a model served elsewhere are ignored, unknown ones refused.

@@ -16,12 +16,17 @@ def test_tiers_parse_with_their_own_or_the_default_minimum():
     for bad, message in (
         ("a,a", "listed twice"),
         ("a:b", "not MODEL, MODEL:MIN_TOKENS or grpc://HOST:PORT/MODEL"),
-        ("", "not MODEL"),
+        (",", "not MODEL"),
         ("grpc://h:1/a, grpc://h:1/a:64", "grpc://h:1/a is listed twice"),
         ("http://h:1/a", "not MODEL"),
     ):
         with pytest.raises(ValueError, match=message):
             parse_tiers(bad, 32, admission)
+
+
+def test_no_tier_means_every_prompt_is_prefilled_locally():
+    assert parse_tiers("", 32, admission) == [] and parse_tiers("  ", 32, admission) == []
+    assert order(eligible([], 10_000)) == []
 
 
 def test_a_tier_on_another_server_is_named_by_its_grpc_address():

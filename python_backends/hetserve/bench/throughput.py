@@ -38,13 +38,13 @@ def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int, repeat
     return statistics.median(result["tokens"] / seconds for seconds in result["seconds"])
 
 
-def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int) -> float:
+def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int, model: str = "llm") -> float:
     from hetserve_client import stream_grpc
 
     sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
     def one(prompt: str) -> int:
-        return sum(len(d.token_ids) for d in stream_grpc(grpc_url, prompt, sampling))
+        return sum(len(d.token_ids) for d in stream_grpc(grpc_url, prompt, sampling, model=model))
 
     rates = []
     with ThreadPoolExecutor(concurrency) as pool:
@@ -76,7 +76,7 @@ def cpu_shares(root_pid: int, run) -> tuple[object, dict[str, float]]:
     for p in family:
         cmd = p.cmdline()
         if cmd and Path(cmd[0]).name == "triton_python_backend_stub":
-            stubs[p.pid] = next((m for m in ("prefill", "llm") if f"/{m}/" in cmd[1]), cmd[1])
+            stubs[p.pid] = next((m for m in ("prefill", "llm", "unified") if f"/{m}/" in cmd[1]), cmd[1])
     before = {p.pid: sum(p.cpu_times()[:2]) for p in family}
     start = time.perf_counter()
     result = run()
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="gRPC address of a running server (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: the launcher's pid, for CPU shares")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--unified", action="store_true", help="also the unified model (one engine, no split), on a server of its own")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -113,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         result["offline_tok_s"] = round(offline_tok_s(engine_args, prompts, args.max_tokens, args.repeats), 1)
         print(f"offline vLLM: {result['offline_tok_s']} tok/s", flush=True)
 
-    def load(url: str) -> float:
-        return served_tok_s(url, prompts, args.max_tokens, args.concurrency, args.repeats)
+    def load(url: str, model: str) -> float:
+        return served_tok_s(url, prompts, args.max_tokens, args.concurrency, args.repeats, model)
 
-    def measured(url: str, pid: int | None) -> tuple[float, dict]:
-        served_tok_s(url, prompts, args.max_tokens, args.concurrency, 1)  # warm-up pass
-        return cpu_shares(pid, lambda: load(url)) if pid else (load(url), {})
+    def measured(url: str, pid: int | None, model: str = "llm") -> tuple[float, dict]:
+        served_tok_s(url, prompts, args.max_tokens, args.concurrency, 1, model)  # warm-up pass
+        return cpu_shares(pid, lambda: load(url, model)) if pid else (load(url, model), {})
 
     if args.url:
         tok_s, shares = measured(args.url, args.server_pid)
@@ -131,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     result["cpu_percent"] = shares
     if "offline_tok_s" in result:
         result["ratio"] = round(tok_s / result["offline_tok_s"], 3)
+    if args.unified:
+        from hetserve.bench.server import started
+
+        with started(None, {}, models=["unified"]) as (_, grpc_url, _, pid):
+            unified, unified_shares = measured(grpc_url, pid, "unified")
+        result["unified_stream_tok_s"] = round(unified, 1)
+        result["unified_cpu_percent"] = unified_shares
+        result["llm_over_unified"] = round(tok_s / unified, 3)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -194,11 +194,14 @@ class LLMModel(EngineModel):
         self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
         for tier in self.tiers:
             tier.admission.on_change = lambda running, queued, name=tier.name: self.serving.tier(name, running, queued)
-        logger.info(
-            "llm: prefill tiers %s (KV transport %s; over gRPC from another server); shorter prompts, and "
-            "those no tier takes, are prefilled here",
-            ", ".join(f"{t.name} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
-        )
+        if self.tiers:
+            logger.info(
+                "%s: prefill tiers %s (KV transport %s; over gRPC from another server); shorter prompts, and "
+                "those no tier takes, are prefilled here", self.name,
+                ", ".join(f"{t.name} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
+            )
+        else:
+            logger.info("%s: no prefill tier; every prompt is prefilled by this model's engine", self.name)
 
     def refused(self, reason: str) -> None:
         self.serving.refused(reason)
@@ -646,3 +649,13 @@ def _output(response, name: str):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class UnifiedModel(LLMModel):
+    """The A/B baseline: ``llm``'s interface and code, one engine, no prefill tier.
+
+    Its config.pbtxt sets ``prefill_model`` to "" so every prompt is prefilled
+    by its own engine; what it measures against ``llm`` is the split itself.
+    """
+
+    name = "unified"

@@ -1,0 +1,22 @@
+"""Triton entry point of the `unified` model (one engine, prefill and decode: the A/B baseline); the logic is in hetserve.triton.llm."""
+
+import locale
+
+# The stub leaves LC_CTYPE="C", and importing torch/vLLM then fails on non-ASCII
+# paths; this must run before those imports.
+locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from hetserve.triton.common import setup_logging
+        from hetserve.triton.llm import UnifiedModel
+
+        setup_logging()
+        self._model = UnifiedModel(args)
+
+    def execute(self, requests):
+        self._model.execute(requests)  # responses are sent from the engine loop
+
+    def finalize(self):
+        self._model.finalize()
