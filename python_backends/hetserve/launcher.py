@@ -310,6 +310,13 @@ def _set_parameters(config, model: str, options: ServeOptions) -> None:
         if key not in config.parameters:
             known = ", ".join(sorted(config.parameters))
             raise ConfigError(f"{model} has no parameter {key!r} (its parameters: {known})")
+        if key == "kv_transfer_dtype":
+            from hetserve.kv import transfer
+
+            try:
+                transfer.check(str(value))
+            except ValueError as exc:
+                raise ConfigError(f"{model}: {exc}") from None
         config.parameters[key].string_value = str(value)
         logger.info("%s: %s = %s", model, key, value)
 

@@ -42,7 +42,9 @@ KV_CACHE = "kv_cache"
 KV_TOKEN_IDS = "kv_token_ids"
 KV_FINGERPRINT = "kv_fingerprint"
 KV_SLOT = "kv_slot"  # prefill input: the slot to write the KV into (slots.SlotRef JSON)
-KV_REF = "kv_ref"  # prefill output: what was written (JSON: num_tokens, copy times)
+KV_REF = "kv_ref"  # prefill output: what was written (JSON: num_tokens, copy times, transfer_dtype)
+KV_DTYPE_INPUT = "kv_dtype"  # prefill input: the transfer dtype of kv_cache (kv/transfer.py; default auto)
+KV_SCALES = "kv_scales"  # prefill output: int8/fp8 kv_cache's scales [L, 2, H, T], float32
 INPUT_IDS = "input_ids"
 REQUEST_ID = "request_id"
 
@@ -97,6 +99,7 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(SAMPLING_PARAMETERS, "STRING", (1,), optional=True),
             TensorSpec(REQUEST_ID, "STRING", (1,), optional=True),
             TensorSpec(KV_SLOT, "STRING", (1,), optional=True),
+            TensorSpec(KV_DTYPE_INPUT, "STRING", (1,), optional=True),
         ),
         "outputs": (
             TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
@@ -105,7 +108,8 @@ IO: dict[Model, dict[str, tuple[TensorSpec, ...]]] = {
             TensorSpec(KV_FINGERPRINT, "STRING", (1,)),
             TensorSpec(KV_REF, "STRING", (1,)),
             TensorSpec(LOGPROBS, "STRING", (1,)),  # the first token's, or "null"
-            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),  # only without kv_slot (tensor transport)
+            TensorSpec(KV_CACHE, KV_DTYPE, _KV_DIMS),  # only without kv_slot (tensor transport), in kv_dtype
+            TensorSpec(KV_SCALES, "FP32", (-1, -1, -1, -1)),  # only with kv_dtype int8 or fp8_e4m3
         ),
     },
 }

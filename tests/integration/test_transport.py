@@ -2,7 +2,10 @@
 into a slot. Chosen per deployment (``kv_transport``); this module starts its own
 server with ``--kv-transport tensor`` and stops it when done.
 
-The same server runs with tight limits (``--model-parameter``), to check that
+A second tensor-transport server compresses the KV in transit
+(``kv_transfer_dtype=int8``): it must move at most 30% of the float32 bytes.
+
+The first server runs with tight limits (``--model-parameter``), to check that
 admission control and the request deadline end requests with errors that name
 the limit: two requests in flight, none queued, 4 s each. (The queue's own
 bounded wait is timing-bound on a busy machine: tests/unit/test_admission.py.)"""
@@ -30,6 +33,11 @@ LIMITS = [
 @pytest.fixture(scope="module")
 def tensor_server(tmp_path_factory):
     yield from run_server(tmp_path_factory, "--kv-transport", "tensor", *LIMITS)
+
+
+@pytest.fixture(scope="module")
+def int8_server(tmp_path_factory):
+    yield from run_server(tmp_path_factory, "--kv-transport", "tensor", "--model-parameter=llm:kv_transfer_dtype=int8")
 
 
 def test_tensor_transport_equals_single_engine(tensor_server, reference):
@@ -73,3 +81,23 @@ def test_limits_end_every_request_with_an_error_naming_the_limit(tensor_server, 
     # The engine aborted the timed-out requests: the server is free and exact.
     want = reference(PROMPTS[:1], GREEDY)[0]["token_ids"]
     assert [t for d in stream_grpc(tensor_server.grpc_url, PROMPTS[0], GREEDY) for t in d.token_ids] == want
+
+
+def test_int8_in_transit_moves_under_30_percent_of_float32(tensor_server, int8_server, reference):
+    """The same two long prompts through both servers: bytes moved (the KV bytes metric) and tokens."""
+    key = 'hetserve_kv_bytes_total{model="llm",transport="tensor"}'
+    wants = [w["token_ids"] for w in reference(PROMPTS[:2], GREEDY)]
+    moved, same = {}, []
+    for name, server in (("float32", tensor_server), ("int8", int8_server)):
+        before = server.metrics().get(key, 0)
+        for prompt, want in zip(PROMPTS[:2], wants):
+            got = [t for d in stream_grpc(server.grpc_url, prompt, GREEDY) for t in d.token_ids]
+            assert len(got) == GREEDY["max_tokens"] and got[0] == want[0]  # prefill's own token
+            if name == "float32":
+                assert got == want
+            else:
+                same.append(sum(a == b for a, b in zip(got, want)) / len(got))
+        moved[name] = server.metrics()[key] - before
+    print(f"KV bytes moved: {moved}; int8/float32 {moved['int8'] / moved['float32']:.3f}; greedy tokens identical: {same}")
+    assert 0 < moved["int8"] <= 0.30 * moved["float32"]
+    assert moved["int8"] == pytest.approx(moved["float32"] * (0.25 + 1 / 64))  # int8 values + one float32 scale per 64

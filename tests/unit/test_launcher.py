@@ -233,3 +233,13 @@ def test_an_ngc_images_tritonserver_is_used_when_named(tmp_path, monkeypatch):
     assert found.stub == root / "backends" / "python" / "triton_python_backend_stub"
     monkeypatch.delenv(TRITON_ROOT_ENV)
     assert "pytriton" in str(TritonInstall.find().binary)  # the wheel's, as on the development machines
+
+
+def test_an_unknown_transfer_dtype_is_refused_before_start(tmp_path, model_path):
+    from hetserve.launcher import ConfigError
+
+    options = ServeOptions(model=str(model_path), parameters={"llm": {"kv_transfer_dtype": "int4"}})
+    with pytest.raises(ConfigError, match="llm: unknown KV transfer dtype 'int4'; expected one of auto, float16"):
+        prepare_repository(options, tmp_path / "repo", gpu=False)
+    prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"kv_transfer_dtype": "int8"}}), tmp_path / "ok", gpu=False)
+    assert config(tmp_path / "ok", "llm").parameters["kv_transfer_dtype"].string_value == "int8"

@@ -53,6 +53,7 @@ from hetserve import names
 from hetserve.admission import Admission, Overloaded, Ticket
 from hetserve.routing import Tier, eligible, order, parse_tiers
 from hetserve.connector_params import load_params
+from hetserve.kv import transfer
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
 from hetserve.first_token import FIRST_TOKEN_KEY
 from hetserve.kv.slots import Field, Slot, now_ns
@@ -126,6 +127,7 @@ class Handoff:
     transport: Transport
     gather_ns: tuple[int, int] | None
     ticket: Ticket | None = None  # the prefill tier's admission, held until the KV is read
+    wire_bytes: int | None = None  # bytes that crossed Triton or the network, when compressed
     tier: Tier | None = None
     loaded: bool = False
 
@@ -175,6 +177,8 @@ class LLMModel(EngineModel):
         super().__init__(args)
         self.remote_min_tokens = int(self.parameter("remote_prefill_min_tokens", "32"))
         self.transport = Transport(self.parameter("kv_transport", Transport.SHM.value))
+        # What crosses Triton or the network (tensor transport, remote tiers); shm moves the model's dtype.
+        self.transfer_dtype = transfer.check(self.parameter("kv_transfer_dtype", transfer.AUTO))
         self.metrics = KVMetrics(self.name)
         self.serving = ServingMetrics(self.name, args["model_version"])
         self.admission.on_change = lambda running, queued: self.serving.tier(self.name, running, queued)
@@ -196,9 +200,10 @@ class LLMModel(EngineModel):
             tier.admission.on_change = lambda running, queued, name=tier.name: self.serving.tier(name, running, queued)
         if self.tiers:
             logger.info(
-                "%s: prefill tiers %s (KV transport %s; over gRPC from another server); shorter prompts, and "
-                "those no tier takes, are prefilled here", self.name,
+                "%s: prefill tiers %s (KV transport %s; over gRPC from another server; transfer dtype %s where "
+                "the KV crosses Triton or gRPC); shorter prompts, and those no tier takes, are prefilled here", self.name,
                 ", ".join(f"{t.name} from {t.min_tokens} tokens" for t in self.tiers), self.transport.value,
+                self.transfer_dtype,
             )
         else:
             logger.info("%s: no prefill tier; every prompt is prefilled by this model's engine", self.name)
@@ -359,7 +364,7 @@ class LLMModel(EngineModel):
         """The step that read the KV has run: record it, reuse the slot."""
         head = handoff.slot.header
         scatter = (int(head[Field.SCATTER_START_NS]), int(head[Field.SCATTER_END_NS]))
-        nbytes = self.fingerprint.bytes_per_token * handoff.num_tokens
+        nbytes = handoff.wire_bytes or self.fingerprint.bytes_per_token * handoff.num_tokens
         self._free(handoff, reuse=True)
         if scatter[0]:
             self.metrics.record(handoff.transport.value, nbytes, handoff.gather_ns, scatter)
@@ -392,6 +397,8 @@ class LLMModel(EngineModel):
                 if self.transport is Transport.SHM:
                     slot = self.slots.acquire(kv_bytes)
                     inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
+                elif self.transfer_dtype != transfer.AUTO:
+                    inputs.append(string_tensor(names.KV_DTYPE_INPUT, self.transfer_dtype))
                 reply = await self._call_prefill(tier, flow, inputs)
             if flow.cancelled:
                 raise cancellation()
@@ -402,12 +409,10 @@ class LLMModel(EngineModel):
             gather = (int(kv_ref["gather_start_ns"]), int(kv_ref["gather_end_ns"]))
             self._check_prefilled(tier, reply, ids)
             if slot is None:
-                kv = reply.kv()
-                validate_kv(self.fingerprint, self.fingerprint, kv, torch.as_tensor(ids), self.max_model_len)
-                if tier.url is None:
-                    handoff = await self._to_slot(kv, len(ids), Transport.TENSOR, gather)
-                else:  # another host's clock: time only the copy here
-                    handoff = await self._to_slot(kv, len(ids), Transport.GRPC, None)
+                kv, scales, name = self._received_kv(tier, reply, kv_ref, ids)
+                transport = Transport.TENSOR if tier.url is None else Transport.GRPC
+                # Another host's clock: time only the copy here.
+                handoff = await self._to_slot(kv, len(ids), transport, gather if tier.url is None else None, scales, name)
             else:
                 if not slot.complete(len(ids)):
                     raise PrefillUnavailable(f"{tier.name} answered without writing the KV slot")
@@ -419,6 +424,25 @@ class LLMModel(EngineModel):
             if slot is not None:
                 self.slots.discard(slot)  # prefill's worker may still write it
             raise
+
+    def _received_kv(self, tier: Tier, reply: _Reply, kv_ref: dict, ids: list[int]):
+        """The KV prefill returned as a tensor, checked: (payload, scales, transfer dtype)."""
+        name = kv_ref.get("transfer_dtype", transfer.AUTO)
+        if name not in (transfer.AUTO, self.transfer_dtype):
+            raise PrefillUnavailable(f"{tier.name} returned KV in {name!r}, asked for {self.transfer_dtype!r}")
+        kv = reply.kv()
+        if name == transfer.AUTO:
+            validate_kv(self.fingerprint, self.fingerprint, kv, torch.as_tensor(ids), self.max_model_len)
+            return kv, None, name
+        shape, wire = self.fingerprint.kv_shape(len(ids)), transfer.wire_dtype(name, self.fingerprint.torch_dtype)
+        if tuple(kv.shape) != shape or kv.dtype != wire:
+            raise KVMismatchError(f"{tier.name} returned {name} KV {tuple(kv.shape)} {kv.dtype}, expected {shape} {wire}")
+        scales = None
+        if name in transfer.SCALED:
+            scales = torch.from_numpy(np.ascontiguousarray(reply.array(names.KV_SCALES), dtype=np.float32))
+            if tuple(scales.shape) != shape[:4]:
+                raise KVMismatchError(f"{tier.name} returned KV scales {tuple(scales.shape)}, expected {shape[:4]}")
+        return kv, scales, name
 
     def _check_prefilled(self, tier: Tier, reply: _Reply, ids: list[int]) -> None:
         fingerprint = ModelFingerprint.from_json(reply.text(names.KV_FINGERPRINT))
@@ -474,6 +498,8 @@ class LLMModel(EngineModel):
         ]
         if sampling is not None:
             inputs.append(tensor(names.SAMPLING_PARAMETERS, np.array([sampling.encode("utf-8")], dtype=np.object_)))
+        if self.transfer_dtype != transfer.AUTO:
+            inputs.append(tensor(names.KV_DTYPE_INPUT, np.array([self.transfer_dtype.encode("utf-8")], dtype=np.object_)))
         client = self._remote(tier)
 
         async def requests():
@@ -568,13 +594,17 @@ class LLMModel(EngineModel):
             raise PrefillUnavailable(f"{tier.model} returned no output")
         return _Reply.of_bls(found)
 
-    async def _to_slot(self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather) -> Handoff:
-        """Copy KV held by a Triton tensor into a slot, off the event loop."""
-        slot = self.slots.acquire(kv.numel() * kv.element_size())
+    async def _to_slot(
+        self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather,
+        scales: torch.Tensor | None = None, transfer_dtype: str = transfer.AUTO,
+    ) -> Handoff:
+        """Copy KV held by a Triton tensor into a slot (decoding a transfer dtype), off the event loop."""
+        dtype = self.fingerprint.torch_dtype
+        slot = self.slots.acquire(self.fingerprint.bytes_per_token * num_tokens)
         slot.lend()
 
         def copy() -> None:
-            slot.kv(kv.dtype, tuple(kv.shape)).copy_(kv)
+            transfer.decode_into(kv, scales, transfer_dtype, slot.kv(dtype, tuple(kv.shape)))
             slot.stamp_written(num_tokens)
 
         try:
@@ -583,7 +613,10 @@ class LLMModel(EngineModel):
         except BaseException:
             self.slots.discard(slot)
             raise
-        return Handoff(slot, num_tokens, transport, gather or (start, now_ns()))
+        handoff = Handoff(slot, num_tokens, transport, gather or (start, now_ns()))
+        if transfer_dtype != transfer.AUTO:
+            handoff.wire_bytes = kv.numel() * kv.element_size() + (0 if scales is None else scales.numel() * 4)
+        return handoff
 
     # ---------------------------------------------------------------- responses
 

@@ -12,11 +12,14 @@ else empty), ``kv_token_ids``, ``kv_fingerprint`` and ``kv_ref`` (JSON: token
 count and the worker's copy times) and ``logprobs`` (the first token's, JSON,
 when the sampling parameters ask for logprobs). Without it (tensor transport: another
 server, or a client that wants the KV), the KV goes into a slot of this
-model's own and is returned as the ``kv_cache`` tensor [L, 2, H, T, D].
+model's own and is returned as the ``kv_cache`` tensor [L, 2, H, T, D], in
+the transfer dtype ``kv_dtype`` asks for (kv/transfer.py: the model's by
+default; int8 and fp8_e4m3 with ``kv_scales``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import triton_python_backend_utils as pb_utils
@@ -25,6 +28,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
 from hetserve.connector_params import save_params
+from hetserve.kv import transfer
 from hetserve.kv.slots import Field, MappingCache, Slot, SlotRef, header, written_tokens
 from hetserve.logprobs import entries
 from hetserve.sampling import parse_json, to_sampling_params
@@ -62,6 +66,7 @@ class PrefillModel(EngineModel):
         # The first token's logprobs carry decoded tokens as a single engine's do.
         params.detokenize = params.logprobs is not None
         kv_bytes = self.fingerprint.bytes_per_token * len(ids)
+        transfer_dtype = transfer.check(input_str(request, names.KV_DTYPE_INPUT) or transfer.AUTO)
         lent = input_str(request, names.KV_SLOT)
         own: Slot | None = None
         if lent:
@@ -94,12 +99,17 @@ class PrefillModel(EngineModel):
                     "num_tokens": len(ids),
                     "gather_start_ns": int(head[Field.GATHER_START_NS]),
                     "gather_end_ns": int(head[Field.GATHER_END_NS]),
+                    "transfer_dtype": transfer.AUTO if own is None else transfer_dtype,
                 })),
             ]
             if own is None:
                 flow.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), final=True)
                 return
             kv = own.kv(self.fingerprint.torch_dtype, self.fingerprint.kv_shape(len(ids)))
+            if transfer_dtype != transfer.AUTO:  # off the event loop: a pass over the KV
+                kv, scales = await asyncio.to_thread(transfer.encode, kv, transfer_dtype)
+                if scales is not None:
+                    outputs.append(pb_utils.Tensor.from_dlpack(names.KV_SCALES, scales))
             outputs.append(pb_utils.Tensor.from_dlpack(names.KV_CACHE, kv))
             # send() copies the KV into Triton's shared memory: own is free after it.
             await flow.sender.send_final_off_loop(pb_utils.InferenceResponse(output_tensors=outputs))
