@@ -158,9 +158,9 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", add_help=False,
         help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill), "
-        "tiers (this device as prefill and decode tier, for hetserve plan)",
+        "tiers (this device as prefill and decode tier, for hetserve plan), transfer (KV transfer dtypes)",
     )
-    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers"])
+    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers", "transfer"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

@@ -33,11 +33,18 @@ def servers(tmp_path_factory):
     prefill = next(prefill_run)
     tier = f"grpc://{prefill.grpc_url}/prefill"
     llm_run = run_server(tmp_path_factory, "--models", "llm", f"--model-parameter=llm:prefill_model={tier}")
+    int8_run = run_server(
+        tmp_path_factory, "--models", "llm", f"--model-parameter=llm:prefill_model={tier}",
+        "--model-parameter=llm:kv_transfer_dtype=int8",
+    )
     try:
         llm = next(llm_run)
-        yield prefill, lambda: next(prefill_run, None), llm
+        int8 = next(int8_run)
+        yield prefill, lambda: next(prefill_run, None), llm, int8
+        next(int8_run, None)
         next(llm_run, None)
     finally:
+        int8_run.close()
         llm_run.close()
         prefill_run.close()
 
@@ -51,7 +58,7 @@ def stream_ids(server, prompt: str, sampling=GREEDY) -> list[int]:
 
 
 def test_each_server_serves_only_its_models(servers):
-    prefill, _, llm = servers
+    prefill, _, llm, _ = servers
     assert "llm: not served here (--models)" in prefill.log_text()
     assert "prefill: not served here (--models)" in llm.log_text()
     with pytest.raises(InferenceServerException, match="llm"):
@@ -59,7 +66,7 @@ def test_each_server_serves_only_its_models(servers):
 
 
 def test_remote_prefill_equals_single_engine(servers, reference):
-    prefill, _, llm = servers
+    prefill, _, llm, _ = servers
     tier = f"grpc://{prefill.grpc_url}/prefill"
     for prompt, want in zip(PROMPTS, reference(PROMPTS, GREEDY)):
         assert stream_ids(llm, prompt) == want["token_ids"], prompt[:30]
@@ -73,7 +80,7 @@ def test_remote_prefill_equals_single_engine(servers, reference):
 
 
 def test_cancelled_request_ends_and_both_servers_serve_on(servers, reference):
-    prefill, _, llm = servers
+    prefill, _, llm, _ = servers
     long = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     stream = stream_grpc(llm.grpc_url, PROMPTS[0], long)
     next(stream)
@@ -82,13 +89,27 @@ def test_cancelled_request_ends_and_both_servers_serve_on(servers, reference):
     assert stream_ids(llm, PROMPTS[0]) == want
 
 
+def test_int8_over_grpc_moves_a_quarter_and_a_bit(servers, reference):
+    """Compression in transit across servers: the same prompt through llm (float32) and an int8 llm."""
+    _, _, llm, int8 = servers
+    key = 'hetserve_kv_bytes_total{model="llm",transport="grpc"}'
+    want = reference(PROMPTS[:1], GREEDY)[0]["token_ids"]
+    moved = {}
+    for name, server in (("float32", llm), ("int8", int8)):
+        before = server.metrics().get(key, 0)
+        got = stream_ids(server, PROMPTS[0])
+        assert len(got) == len(want) and got[0] == want[0]
+        moved[name] = server.metrics()[key] - before
+    assert moved["int8"] == pytest.approx(moved["float32"] * (0.25 + 1 / 64)) and moved["int8"] > 0
+
+
 def _server_process(server) -> psutil.Process:
     (tritonserver,) = [p for p in psutil.Process(server.pid).children() if "tritonserver" in p.name()]
     return tritonserver
 
 
 def test_a_stalled_then_gone_remote_tier_costs_a_local_prefill(servers, reference):
-    prefill, stop_prefill, llm = servers
+    prefill, stop_prefill, llm, _ = servers
     want = [w["token_ids"] for w in reference(PROMPTS, GREEDY)]
     stalled = _server_process(prefill)
     local = prefilled_by(llm, "local")
