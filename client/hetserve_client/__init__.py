@@ -1,5 +1,5 @@
 """Client for hetserve's ``llm`` model (the Triton vLLM backend interface)."""
 
-from hetserve_client.client import Completion, Delta, generate_http, stream_grpc, wait_ready
+from hetserve_client.client import Completion, Delta, generate_http, scrape_metrics, stream_grpc, wait_ready
 
-__all__ = ["Completion", "Delta", "generate_http", "stream_grpc", "wait_ready"]
+__all__ = ["Completion", "Delta", "generate_http", "scrape_metrics", "stream_grpc", "wait_ready"]

@@ -157,3 +157,15 @@ def wait_ready(http_url: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"server at {http_url} not ready after {timeout:.0f} s")
         time.sleep(0.5)
+
+
+def scrape_metrics(metrics_url: str) -> dict[str, float]:
+    """Every sample on a server's metrics port (``HOST:PORT``), keyed by name and labels as printed."""
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from engine_runner import run_engine
 from hetserve import shm
-from hetserve_client import wait_ready
+from hetserve_client import scrape_metrics, wait_ready
 
 STARTUP_TIMEOUT_S = 600
 
@@ -42,14 +41,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Every sample on the metrics port, keyed by name and labels as printed."""
-        with urllib.request.urlopen(f"http://{self.metrics_url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                samples[key] = float(value)
-        return samples
+        return scrape_metrics(self.metrics_url)
 
 
 def free_port() -> int:

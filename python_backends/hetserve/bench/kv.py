@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -29,15 +28,11 @@ SERIES = ("bytes_total", "gather_seconds_sum", "handoff_seconds_sum", "scatter_s
 
 
 def scrape(metrics_url: str, transport: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    from hetserve_client import scrape_metrics
+
+    samples = scrape_metrics(metrics_url)
     labels = f'{{model="llm",transport="{transport}"}}'
-    found = dict.fromkeys(SERIES, 0.0)
-    for line in text.splitlines():
-        for name in SERIES:
-            if line.startswith(f"hetserve_kv_{name}{labels} "):
-                found[name] = float(line.rsplit(" ", 1)[1])
-    return found
+    return {name: samples.get(f"hetserve_kv_{name}{labels}", 0.0) for name in SERIES}
 
 
 def prompt_of(tokenizer, num_tokens: int) -> str:

@@ -14,23 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import urllib.request
 from pathlib import Path
+
+from hetserve_client import scrape_metrics as _metrics
 
 from hetserve.kv import transfer
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
-
-
-def _metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
 
 
 def run_dtype(name: str, prompts: list[str], max_tokens: int, model: str | None) -> dict:
