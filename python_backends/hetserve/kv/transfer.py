@@ -12,7 +12,9 @@ what travels:
 * ``fp8_e4m3``: ``x / s`` in float8 e4m3 (3 mantissa bits), ``s = max|x| / 448``
   per (layer, k|v, head, token). Error bound per element: ``|x - x̂| <=
   |x| / 16 + s · 2**-10`` (half an ulp of a normal value; half the subnormal
-  step below 2**-6); travels as uint8 (Triton has no FP8 type).
+  step below 2**-6).
+
+Both 8-bit dtypes travel as uint8 (their bytes).
 
 Encoding runs in prefill's stub after its worker gathered the KV into a slot;
 decoding writes straight into ``llm``'s slot, in the model's dtype, one
@@ -28,8 +30,9 @@ AUTO = "auto"
 CASTS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SCALED = {"int8": (torch.int8, 127.0), "fp8_e4m3": (torch.float8_e4m3fn, 448.0)}
 TRANSFER_DTYPES = (AUTO, *CASTS, *SCALED)
-# What each travels as through Triton (fp8 as its bytes).
-WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "fp8_e4m3": torch.uint8}
+# What each travels as through Triton: the 8-bit ones as their bytes (Triton has
+# no FP8 type; an INT8 tensor measured 20 ms slower per hand-off than UINT8 here).
+WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.uint8, "fp8_e4m3": torch.uint8}
 
 
 def check(name: str) -> str:
@@ -50,7 +53,7 @@ def encode(kv: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | No
     scales = wide.abs().amax(dim=-1).div_(top).clamp_(min=torch.finfo(torch.float32).tiny)
     scaled = wide.div_(scales.unsqueeze(-1))
     if dtype == torch.int8:
-        return scaled.round_().clamp_(-127, 127).to(torch.int8), scales
+        return scaled.round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8), scales
     return scaled.to(dtype).view(torch.uint8), scales
 
 
@@ -63,8 +66,7 @@ def decode_into(payload: torch.Tensor, scales: torch.Tensor | None, name: str, o
     if scales is None:
         raise ValueError(f"KV in {name} needs its scales")
     dtype, _ = SCALED[name]
-    values = payload.view(dtype) if dtype != torch.int8 else payload
-    out.copy_(values.float().mul_(scales.unsqueeze(-1)))
+    out.copy_(payload.view(dtype).float().mul_(scales.unsqueeze(-1)))
 
 
 def wire_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
