@@ -158,9 +158,10 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", add_help=False,
         help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill), "
-        "tiers (this device as prefill and decode tier, for hetserve plan), transfer (KV transfer dtypes)",
+        "tiers (this device as prefill and decode tier, for hetserve plan), transfer (KV transfer dtypes), "
+        "streams (1,000 concurrent streams, each checked)",
     )
-    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers", "transfer"])
+    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers", "transfer", "streams"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

@@ -2,8 +2,8 @@
 
 ``python -m hetserve.bench.offline REQUEST.json`` (``prompts`` as text or
 ``prompt_ids`` as token ids) writes ``result.json`` beside it: generated and
-prompt tokens per pass and the seconds of each measured pass (after
-one unmeasured warm-up pass). Its own process: vLLM's CPU platform spawns.
+prompt tokens per pass, the seconds of each measured pass (after
+one unmeasured warm-up pass) and each prompt's generated token ids (greedy). Its own process: vLLM's CPU platform spawns.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def main() -> None:
         seconds.append(time.perf_counter() - start)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    (request_path.parent / "result.json").write_text(json.dumps({"tokens": tokens, "prompt_tokens": prompt_tokens, "seconds": seconds}))
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]  # greedy: a reference for served outputs
+    (request_path.parent / "result.json").write_text(
+        json.dumps({"tokens": tokens, "prompt_tokens": prompt_tokens, "seconds": seconds, "token_ids": token_ids})
+    )
 
 
 if __name__ == "__main__":  # vLLM's CPU platform spawns processes
