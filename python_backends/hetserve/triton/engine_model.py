@@ -204,9 +204,14 @@ class EngineModel:
         # The sleeping frame must hold no response sender: destroying one after
         # the stub's shared memory is gone (at interpreter exit, through the
         # cancelled task's traceback) segfaults the stub.
+        # One failed round must not end the watching: every later cancellation
+        # would then go unnoticed for the model's lifetime.
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
-            await self._cancel_marked()
+            try:
+                await self._cancel_marked()
+            except Exception:  # noqa: BLE001 - log it and keep watching
+                logger.exception("%s: a round of cancellation checks failed", self.name)
 
     async def _cancel_marked(self) -> None:
         # Decide for all first, with no await in between: a request that
