@@ -48,6 +48,7 @@ def test_grpc_stream_equals_single_engine(server, expected):
         assert ids == want["token_ids"], prompt[:40]
         assert "".join(d.text for d in deltas) == want["text"]
         assert len(ids) == 40 and len(deltas) > 1  # streamed, not one final blob
+        assert all(d.token_ids for d in deltas)  # no empty responses (prefill's token is not sent twice)
         # The first token comes first (alone from prefill; a locally prefilled
         # stream may get it together with the next when the machine is busy).
         assert deltas[0].token_ids[:1] == want["token_ids"][:1]

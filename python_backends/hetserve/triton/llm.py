@@ -341,6 +341,8 @@ class LLMModel(EngineModel):
                 if sent is not None:
                     ids, delta_text, skipped = sent.skip(ids, delta_text)
                     logprobs = logprobs[skipped:] if logprobs is not None else None
+                    if not ids and not delta_text and not finish:
+                        continue  # only the first token, sent already: no empty response
                 if logprobs is not None:
                     logprobs = logprobs[: len(ids)]
                 self._emit(flow, out, ids, delta_text, finish, logprobs, completion.cumulative_logprob)
