@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 # What model.json's "model" says to mean this checkpoint.
 DEFAULT_MODEL = "hetserve:tiny-zen"
+BENCH_MODEL = "hetserve:bench-125m"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +133,18 @@ def _train_tokenizer(recipe: TinyRecipe, out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def _save_model(recipe: TinyRecipe, vocab_size: int, out_dir: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(recipe: TinyRecipe, vocab_size: int | None = None):
+    """The transformers config ``recipe`` builds (``vocab_size``: the tokenizer's, if larger)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         recipe.model_type,
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_hidden_layers,
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_key_value_heads,
-        vocab_size=vocab_size,
+        vocab_size=max(vocab_size or 0, recipe.vocab_size),
         max_position_embeddings=recipe.max_position_embeddings,
         initializer_range=recipe.initializer_range,
         bos_token_id=0,
@@ -154,6 +155,13 @@ def _save_model(recipe: TinyRecipe, vocab_size: int, out_dir: Path) -> None:
         **({"head_dim": recipe.head_dim} if recipe.head_dim else {}),
         **dict(recipe.extra),
     )
+
+
+def _save_model(recipe: TinyRecipe, vocab_size: int, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(recipe, vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, recipe.dtype))
     if recipe.train_steps:
@@ -220,6 +228,21 @@ BUILTIN: dict[str, TinyRecipe] = {
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=4096,
+        dtype="bfloat16",
+    ),
+    # For benchmarks: 125 M parameters (Llama, 12 layers, hidden 768, GQA 12/4
+    # heads, 32k vocabulary), random weights, bf16: 250 MB of weights read per
+    # decode step, so that decode is memory-bound on a CPU, as on a GPU.
+    BENCH_MODEL: TinyRecipe(
+        name="bench-llama-125m",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        initializer_range=0.02,
         dtype="bfloat16",
     ),
 }

@@ -40,3 +40,15 @@ def test_the_default_model_continues_the_zen_of_python(model_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert tok.decode(out[0]).startswith("Beautiful is better than ugly.\nExplicit is better than implicit.")
+
+
+def test_the_benchmark_model_has_over_100m_parameters():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hetserve.checkpoint import BENCH_MODEL, model_config
+
+    with torch.device("meta"):  # counted, not built
+        model = AutoModelForCausalLM.from_config(model_config(BUILTIN[BENCH_MODEL]))
+    assert sum(p.numel() for p in model.parameters()) >= 100_000_000
+    assert BUILTIN[BENCH_MODEL].dtype == "bfloat16"
