@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -125,6 +126,12 @@ def run(binary: Path, env: dict, url: str, model: str, data: Path, concurrency: 
     return row
 
 
+def _repository_model() -> str:
+    from hetserve.bench.throughput import ROOT
+
+    return json.loads((ROOT / "model_repository" / "llm" / "1" / "model.json").read_text())["model"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from hetserve.bench.throughput import make_prompts, served_tok_s
 
@@ -174,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             served = sorted({*models, *(["prefill"] if "llm" in models else [])})
             with started(args.model, {}, models=served) as (_, grpc_url, _, _):
                 rows = measure(grpc_url)
-    result = {"max_tokens": args.max_tokens, "prompts": args.prompts, "perf_analyzer": WHEEL, "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "checkpoint": args.model or _repository_model(),
+        "max_tokens": args.max_tokens, "prompts": args.prompts, "perf_analyzer": WHEEL, "rows": rows,
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
