@@ -160,9 +160,9 @@ def parser() -> argparse.ArgumentParser:
         help="run a benchmark: kv (the KV hand-off), throughput, converters, breakeven (split vs local prefill), "
         "tiers (this device as prefill and decode tier, for hetserve plan), transfer (KV transfer dtypes), "
         "streams (1,000 concurrent streams, each checked), perf (perf_analyzer --streaming against llm and unified), "
-        "setup (the benchmark checkpoint and perf_analyzer)",
+        "setup (the benchmark checkpoint and perf_analyzer), serve (TTFT, ITL, tok/s of llm, unified and vllm serve by concurrency)",
     )
-    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers", "transfer", "streams", "perf", "setup"])
+    bench.add_argument("which", choices=["kv", "throughput", "converters", "breakeven", "tiers", "transfer", "streams", "perf", "setup", "serve"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

@@ -72,6 +72,7 @@ class ServeOptions:
     parameters: dict = field(default_factory=dict)  # {model: {key: value}} over config.pbtxt parameters
     engine_args: dict = field(default_factory=dict)  # over both model.json files
     extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None  # tritonserver's output (and its stubs'), if not this process's
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,10 +577,15 @@ class Server:
         self.started = time.monotonic()
         # A new session: on shutdown, stubs and vLLM processes are stopped as
         # this process group, never by name.
-        self.process = subprocess.Popen(
-            command, env=server_environment(triton, self.shm_prefixes[0]), start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        output = open(self.options.log_file, "ab") if self.options.log_file else None
+        try:
+            self.process = subprocess.Popen(
+                command, env=server_environment(triton, self.shm_prefixes[0]), start_new_session=True,
+                preexec_fn=_die_with_parent, stdout=output, stderr=subprocess.STDOUT if output else None,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the server holds its own descriptor
         if self.options.restrict_apis:
             self.key_file.touch(mode=0o600)
             self.key_file.write_text(self.options.admin_key + "\n")
