@@ -104,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
-    from hetserve.engine import load_engine_args
+    from hetserve import names
+    from hetserve.launcher import ServeOptions, engine_settings
 
-    engine_args = load_engine_args(ROOT / "model_repository" / "llm" / "1" / "model.json")
+    # As the server runs llm's engine: model.json's settings plus the
+    # checkpoint's dtype (vLLM's "auto" runs a float32 checkpoint in bf16 on
+    # this CPU, which the server does not).
+    engine_args = engine_settings(ServeOptions(), names.Model.LLM)
     engine_args["enable_prefix_caching"] = False  # as llm's engine (distinct prompts: no effect)
     prompts = make_prompts(args.prompts)
     result = {"prompts": args.prompts, "concurrency": args.concurrency, "max_tokens": args.max_tokens}
