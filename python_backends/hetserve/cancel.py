@@ -12,6 +12,7 @@ them itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -24,6 +25,21 @@ def check_request_id(request_id: str) -> str:
     if not _SAFE_ID.fullmatch(request_id) or request_id in (".", ".."):
         raise ValueError(f"request_id must be 1-128 characters of [A-Za-z0-9_.-], got {request_id!r}")
     return request_id
+
+
+def attempt_id(request_id: str, attempt: int) -> str:
+    """The id of a request's ``attempt``-th call to a prefill tier.
+
+    Each call gets its own id, and so its own mark: llm marks a call it gives
+    up on (a tier down or too slow), and the next tier, tried for the same
+    request, must not read that mark as its own. Still a valid request id for
+    the longest ids a client may send (a digest stands for the cut part).
+    """
+    suffix = f".p{attempt}"
+    if len(request_id) + len(suffix) > 128:
+        digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).hexdigest()
+        request_id = f"{request_id[:100]}.{digest}"
+    return check_request_id(request_id + suffix)
 
 
 class CancelBoard:

@@ -51,6 +51,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
 from hetserve.admission import Admission, Overloaded, Ticket
+from hetserve.cancel import attempt_id
 from hetserve.routing import Tier, eligible, order, parse_tiers
 from hetserve.connector_params import load_params
 from hetserve.kv import transfer
@@ -224,7 +225,8 @@ class LLMModel(EngineModel):
         if flow.in_engine:
             await self.abort(flow, why)
         else:  # in prefill, or about to be: prefill polls the board
-            self.board.cancel(flow.request_id)
+            for attempt in flow.attempts[-1:]:
+                self.board.cancel(attempt)
             logger.info("llm: client cancelled request %s; cancelling it in prefill", flow.request_id)
 
     async def handle(self, request, flow: Flow) -> None:
@@ -254,7 +256,8 @@ class LLMModel(EngineModel):
             self.serving.prefilled("local")
             await self._generate(flow, out, params, ids)
         finally:
-            self.board.clear(flow.request_id)
+            for attempt in flow.attempts:
+                self.board.clear(attempt)
 
     async def _continue(
         self, flow, out, params, ids: list[int], first: list[int], finish: str, first_logprobs, handoff: Handoff
@@ -381,10 +384,13 @@ class LLMModel(EngineModel):
         return order(candidates)
 
     async def _prefill(self, tier: Tier, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, list | None, Handoff]:
+        if flow.cancelled:
+            raise cancellation()
+        flow.attempts.append(attempt_id(flow.request_id, len(flow.attempts)))
         inputs = [
             ids_tensor(names.INPUT_IDS, ids),
             string_tensor(names.SAMPLING_PARAMETERS, req.sampling_parameters),
-            string_tensor(names.REQUEST_ID, flow.request_id),
+            string_tensor(names.REQUEST_ID, flow.attempts[-1]),
         ]
         kv_bytes = self.fingerprint.bytes_per_token * len(ids)
         try:
@@ -496,7 +502,7 @@ class LLMModel(EngineModel):
 
         inputs = [
             tensor(names.INPUT_IDS, np.asarray(ids, dtype=np.int64)),
-            tensor(names.REQUEST_ID, np.array([flow.request_id.encode("utf-8")], dtype=np.object_)),
+            tensor(names.REQUEST_ID, np.array([flow.attempts[-1].encode("utf-8")], dtype=np.object_)),
         ]
         if sampling is not None:
             inputs.append(tensor(names.SAMPLING_PARAMETERS, np.array([sampling.encode("utf-8")], dtype=np.object_)))
@@ -505,7 +511,7 @@ class LLMModel(EngineModel):
         client = self._remote(tier)
 
         async def requests():
-            yield {"model_name": tier.model, "inputs": inputs, "request_id": flow.request_id}
+            yield {"model_name": tier.model, "inputs": inputs, "request_id": flow.attempts[-1]}
 
         async def call():
             stream = client.stream_infer(requests())
@@ -563,6 +569,7 @@ class LLMModel(EngineModel):
         request = pb_utils.InferenceRequest(
             model_name=tier.model, inputs=inputs, requested_output_names=_PREFILL_OUTPUTS
         )
+        attempt = flow.attempts[-1]
         loop = asyncio.get_running_loop()
         result = loop.create_future()
 
@@ -577,7 +584,7 @@ class LLMModel(EngineModel):
         threading.Thread(target=run, name="hetserve-bls", daemon=True).start()
         try:
             # Giving up marks the request on the board: a live prefill stops working on it.
-            responses = await self._wait_for_prefill(tier, flow, result, lambda: self.board.cancel(flow.request_id))
+            responses = await self._wait_for_prefill(tier, flow, result, lambda: self.board.cancel(attempt))
         except pb_utils.TritonModelException as exc:
             raise PrefillUnavailable(f"{tier.model} is unavailable: {exc}") from None
         found = None
@@ -587,8 +594,9 @@ class LLMModel(EngineModel):
                 code = error.code() if hasattr(error, "code") else None
                 if code == invalid_arg():
                     raise RequestFailed(error.message(), code)
-                if code == cancelled():
+                if code == cancelled() and flow.cancelled:
                     raise cancellation()
+                # Cancelled by the tier itself (its own timeout, a restart): the tier failed.
                 raise PrefillUnavailable(f"{tier.model} failed: {error.message()}")
             if response.output_tensors():
                 found = response
