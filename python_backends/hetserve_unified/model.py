@@ -9,7 +9,7 @@ locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 class TritonPythonModel:
     def initialize(self, args):
-        from hetserve.triton.common import setup_logging
+        from hetserve import setup_logging
         from hetserve.triton.llm import UnifiedModel
 
         setup_logging()

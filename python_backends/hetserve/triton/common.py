@@ -115,11 +115,3 @@ def cancelled():
     return pb_utils.TritonError.CANCELLED
 
 
-def setup_logging() -> None:
-    """Send hetserve's log records to the server's log (the stub's stderr)."""
-    logger = logging.getLogger("hetserve")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
