@@ -1,7 +1,9 @@
 """A prefill tier on another Triton server: two ``hetserve serve`` processes on
 loopback ports, one serving only ``prefill`` (``--models prefill``), one only
 ``llm`` with ``prefill_model=grpc://127.0.0.1:PORT/prefill``. The KV crosses
-as the interchange tensor over gRPC.
+as the interchange tensor over gRPC. The llm server's engine pages its KV in
+blocks of 32 tokens, the prefill server's in vLLM's default 128: the
+interchange tensor is the same whatever the block sizes on either side.
 
 Checked against a single vLLM engine: greedy output identical through the
 remote tier; a client's cancellation ends its request and both servers serve
@@ -32,7 +34,9 @@ def servers(tmp_path_factory):
     prefill_run = run_server(tmp_path_factory, "--models", "prefill")
     prefill = next(prefill_run)
     tier = f"grpc://{prefill.grpc_url}/prefill"
-    llm_run = run_server(tmp_path_factory, "--models", "llm", f"--model-parameter=llm:prefill_model={tier}")
+    llm_run = run_server(
+        tmp_path_factory, "--models", "llm", f"--model-parameter=llm:prefill_model={tier}", "--engine-arg", "block_size=32"
+    )
     int8_run = run_server(
         tmp_path_factory, "--models", "llm", f"--model-parameter=llm:prefill_model={tier}",
         "--model-parameter=llm:kv_transfer_dtype=int8",
@@ -77,6 +81,8 @@ def test_remote_prefill_equals_single_engine(servers, reference):
     assert metrics.get('hetserve_kv_bytes_total{model="llm",transport="shm"}', 0) == 0
     # The prefill server did the prefills: its own metrics count the requests.
     assert prefill.metrics()['nv_inference_request_success{model="prefill",version="1"}'] == 4
+    assert "KV pages: CPU_ATTN, block size 32" in llm.log_text()
+    assert "KV pages: CPU_ATTN, block size 128" in prefill.log_text()
 
 
 def test_cancelled_request_ends_and_both_servers_serve_on(servers, reference):

@@ -39,7 +39,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from hetserve.kv import cpu_attn
+from hetserve import setup_logging
+from hetserve.kv import cpu_attn, flash
 from hetserve.kv.slots import Field, MappingCache, SlotError, header, kv_view, now_ns, stamp, written_tokens
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class HetserveConnector(KVConnectorBase_V1):
         self._loaded: set[str] = set()
         # Worker side.
         self._layers: list[torch.Tensor] = []
+        self._pages = cpu_attn  # the converter of this engine's page layout (register_kv_caches)
         self._maps = MappingCache()
         self._load_errors: set[int] = set()
 
@@ -181,12 +183,22 @@ class HetserveConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------- worker
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        setup_logging()  # this runs in vLLM's worker process
         ordered = sorted(kv_caches.items(), key=lambda item: extract_layer_index(item[0]))
         self._layers = [tensor for _, tensor in ordered]
+        backend = _attention_backend(self._vllm_config)
+        self._pages = converter(backend)
         shape = tuple(self._layers[0].shape)
-        if len(shape) != 4 or shape[2] != cpu_attn.BLOCK_SIZE:
-            raise ValueError(f"HetserveConnector supports the CPU_ATTN layout with block size 128, got {shape}")
-        cpu_attn.warm_up(self._layers)
+        if len(shape) != 4 or shape[3] % 2:
+            raise ValueError(
+                f"HetserveConnector expects {backend}'s pages as [num_blocks, kv_heads, block_size, 2 * head_dim], "
+                f"got {shape}"
+            )
+        path = ""
+        if self._pages is cpu_attn:
+            path = f", kernel path {cpu_attn.check_layout(self._layers[0].dtype, shape[2], shape[3] // 2)!r}"
+        logger.info("KV pages: %s, block size %d%s", backend, shape[2], path)
+        self._pages.warm_up(self._layers)
 
     def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's header and its KV's first ``spec.count`` tokens."""
@@ -204,7 +216,7 @@ class HetserveConnector(KVConnectorBase_V1):
                 if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
                     raise SlotError(f"slot {spec.path} does not hold this request's KV")
                 head[Field.SCATTER_START_NS] = now_ns()
-                cpu_attn.scatter(kv, self._layers, spec.block_ids)
+                self._pages.scatter(kv, self._layers, spec.block_ids)
                 head[Field.SCATTER_END_NS] = now_ns()
             except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
                 logger.warning("KV load for request %s failed: %s", spec.req_id, exc)
@@ -227,9 +239,31 @@ class HetserveConnector(KVConnectorBase_V1):
             try:
                 head, kv = self._slot(spec)
                 start = now_ns()
-                cpu_attn.gather(self._layers, spec.block_ids, kv)
+                self._pages.gather(self._layers, spec.block_ids, kv)
                 head[Field.GATHER_START_NS] = start
                 head[Field.GATHER_END_NS] = now_ns()
                 stamp(head, spec.nonce, spec.num_tokens)  # last: the KV is complete
             except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
                 logger.warning("KV save for request %s failed: %s", spec.req_id, exc)
+
+
+def converter(backend: str):
+    """The module that converts ``backend``'s pages: one per page layout."""
+    if backend == "CPU_ATTN":
+        return cpu_attn
+    if backend in flash.BACKENDS:
+        return flash
+    raise ValueError(
+        f"HetserveConnector has no converter for the {backend} attention backend's KV pages "
+        f"(it converts CPU_ATTN, {', '.join(flash.BACKENDS)})"
+    )
+
+
+def _attention_backend(vllm_config) -> str:
+    """The name of the attention backend of the model's layers (one for all of them)."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+    names = sorted({backend.get_name() for backend in get_current_attn_backends(vllm_config)})
+    if len(names) != 1:
+        raise ValueError(f"HetserveConnector needs one attention backend for every layer, got {names}")
+    return names[0]

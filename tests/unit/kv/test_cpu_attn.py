@@ -127,7 +127,7 @@ def torch_only(monkeypatch):
 
     def run(fn, *args):
         with monkeypatch.context() as m:
-            m.setattr(cpu_attn, "_kernel", lambda: None)
+            m.setattr(cpu_attn, "_kernel", lambda bs: None)
             return fn(*args)
 
     return run
@@ -214,3 +214,69 @@ def test_block_ids_out_of_range_are_refused(ids):
     for dtype in (torch.float32, torch.bfloat16):
         with pytest.raises(ValueError, match="out of range"):
             cpu_attn.scatter(torch.zeros(L, 2, H, 200, D, dtype=dtype), make_layers(dtype), ids)
+
+
+# --- every block size, against vLLM's own writer -----------------------------------------------
+
+
+def vllm_writes(key, value, block_size, block_ids, num_blocks):
+    """The cache vLLM's CPU attention would hold after storing ``key``/``value`` ([T, H, D])."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    tokens, heads, head_dim = key.shape
+    cache = torch.zeros(num_blocks, heads, block_size, 2 * head_dim, dtype=key.dtype)
+    halves = cache.view(num_blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)  # as CPUAttentionBackendImpl does
+    slots = torch.tensor([block_ids[t // block_size] * block_size + t % block_size for t in range(tokens)])
+    ops.cpu_attn_reshape_and_cache(key, value, *halves, slots, _get_attn_isa(key.dtype, block_size, head_dim))
+    return cache
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.float16, 80)])
+def test_both_directions_match_vllms_own_pages_at_every_block_size(block_size, dtype, head_dim):
+    heads, num_blocks = 2, 8
+    for num_tokens in (1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5):
+        torch.manual_seed(num_tokens)
+        key, value = (torch.randn(num_tokens, heads, head_dim).to(dtype) for _ in range(2))
+        ids = torch.randperm(num_blocks)[: -(-num_tokens // block_size)].tolist()
+        want_pages = vllm_writes(key, value, block_size, ids, num_blocks)
+        kv = torch.stack([key.transpose(0, 1), value.transpose(0, 1)])[None]  # [1, 2, H, T, D]
+        ours = [torch.zeros_like(want_pages)]
+        cpu_attn.scatter(kv, ours, ids)
+        assert torch.equal(ours[0], want_pages)
+        got = cpu_attn.gather([want_pages], ids, torch.empty_like(kv))
+        assert torch.equal(got, kv)
+
+
+@pytest.mark.parametrize("producer, consumer", [(128, 32), (32, 256), (16, 64)])
+def test_producer_and_consumer_may_use_different_block_sizes(producer, consumer):
+    torch.manual_seed(producer + consumer)
+    num_tokens = 300
+    kv = random_bits(L, 2, H, num_tokens, 64)
+    produced = [random_bits(-(-num_tokens // producer) + 2, H, producer, 128) for _ in range(L)]
+    consumed = [random_bits(-(-num_tokens // consumer) + 2, H, consumer, 128) for _ in range(L)]
+    p_ids = list(range(produced[0].shape[0]))[::-1][: -(-num_tokens // producer)]
+    c_ids = list(range(1, 1 + -(-num_tokens // consumer)))
+    cpu_attn.scatter(kv, produced, p_ids)
+    interchange = cpu_attn.gather(produced, p_ids, torch.empty_like(kv))  # what crosses between them
+    cpu_attn.scatter(interchange, consumed, c_ids)
+    assert torch.equal(bits(cpu_attn.gather(consumed, c_ids, torch.empty_like(kv))), bits(kv))
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_check_layout_accepts_vllms_kernel_path(block_size):
+    assert cpu_attn.check_layout(torch.bfloat16, block_size, 64) in ("vec", "vec16", "amx", "neon", "vsx", "vxe", "rvv")
+
+
+def test_check_layout_refuses_pages_laid_out_otherwise(monkeypatch):
+    from vllm import _custom_ops as ops
+
+    def untransposed(key, value, key_cache, value_cache, slots, isa, **_):  # K as [block_size, head_dim]
+        for t, slot in enumerate(slots.tolist()):
+            key_cache[slot // key_cache.shape[2], :, slot % key_cache.shape[2]] = key[t]
+            value_cache[slot // value_cache.shape[2], :, slot % value_cache.shape[2]] = value[t]
+
+    monkeypatch.setattr(ops, "cpu_attn_reshape_and_cache", untransposed)
+    with pytest.raises(ValueError, match="lays out its KV pages differently"):
+        cpu_attn.check_layout(torch.float32, 32, 64)
