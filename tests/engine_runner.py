@@ -1,11 +1,12 @@
 """Run one offline vLLM engine in its own process; the tests' reference and probe.
 
 ``python tests/engine_runner.py REQUEST.json OUTPUT.json`` where the request is
-``{"engine_args": {...}, "kv_role": null | "kv_producer" | "kv_consumer",
+``{"engine_args": {...}, "kv_role": null | "kv_producer" | "kv_consumer", "kv_save": "all" | "layer",
 "requests": [{"prompt": str} | {"prompt_token_ids": [...]}, with "sampling"
 and optionally "kv_transfer_params"]}``. The output lists, per request, the
 prompt's token ids, the generated token ids and text, and the engine's
-``kv_transfer_params``. Outputs go to a file: vLLM logs to stdout.
+``kv_transfer_params``. Outputs go to a file: vLLM logs to stdout; the
+engine's stderr is kept in the work directory's ``engine.log``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def run_engine(request: dict[str, Any], workdir: Path, timeout: float = 600) -> 
         [sys.executable, __file__, str(request_path), str(output_path)],
         capture_output=True, text=True, timeout=timeout,
     )
+    (workdir / "engine.log").write_text(done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"engine run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(output_path.read_text())
@@ -42,7 +44,7 @@ def _main() -> None:
     request = json.loads(Path(request_path).read_text())
     args = request["engine_args"]
     if request.get("kv_role"):
-        args = with_connector(args, request["kv_role"])
+        args = with_connector(args, request["kv_role"], request.get("kv_save", "all"))
     engine = LLM(**args)
     prompts, params = [], []
     for item in request["requests"]:

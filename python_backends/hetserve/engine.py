@@ -43,8 +43,8 @@ def load_engine_args(path: Path) -> dict[str, Any]:
     return args
 
 
-def with_connector(args: dict[str, Any], role: str) -> dict[str, Any]:
-    """Engine arguments with hetserve's KV connector in ``role``."""
+def with_connector(args: dict[str, Any], role: str, save: str = "all") -> dict[str, Any]:
+    """Engine arguments with hetserve's KV connector in ``role`` (a producer saves per ``save``)."""
     from vllm.config import KVTransferConfig
 
     args = dict(args)
@@ -56,7 +56,8 @@ def with_connector(args: dict[str, Any], role: str) -> dict[str, Any]:
     if role == "kv_consumer":
         args["logits_processors"] = [*(args.get("logits_processors") or []), FIRST_TOKEN_PROCESSOR]
     args["kv_transfer_config"] = KVTransferConfig(
-        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role=role
+        kv_connector=CONNECTOR, kv_connector_module_path=CONNECTOR_MODULE, kv_role=role,
+        kv_connector_extra_config={"save": save} if role == "kv_producer" else {},
     )
     return args
 

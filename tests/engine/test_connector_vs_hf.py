@@ -4,7 +4,8 @@ The KV a prefill engine saves through the connector (gathered from the
 CPU_ATTN paged cache by the converter) must equal the ``past_key_values`` that
 HF transformers computes for the same prompt on the same checkpoint, for every
 prompt token: the partial last block included, and with the prompt split over
-several scheduler steps (chunked prefill).
+several scheduler steps (chunked prefill); copied at the end of the step
+(kv_save "all") and layer by layer as vLLM runs each (kv_save "layer").
 """
 
 import pytest
@@ -18,8 +19,9 @@ from hetserve.kv.format import ModelFingerprint
 LENGTHS = [1, 127, 128, 129, 600]
 
 
-@pytest.fixture(scope="module")
-def saved_kv(engine_args, tmp_path_factory):
+@pytest.fixture(scope="module", params=["all", "layer"])
+def saved_kv(request, engine_args, tmp_path_factory):
+    """The KV saved for LENGTHS prompts, with every layer copied at once or each as vLLM finishes it."""
     from transformers import AutoConfig
 
     fp = ModelFingerprint.from_hf_config(AutoConfig.from_pretrained(engine_args["model"]), "float32")
@@ -31,17 +33,22 @@ def saved_kv(engine_args, tmp_path_factory):
         prompts = [[(7 * i + 3) % 2000 + 2 for i in range(n)] for n in LENGTHS]
         # A small token budget forces the 600-token prompt into several steps.
         args = {**engine_args, "max_num_batched_tokens": 256, "max_num_seqs": 8}
+        workdir = tmp_path_factory.mktemp("engine")
         outputs = run_engine(
             {
                 "engine_args": args,
                 "kv_role": "kv_producer",
+                "kv_save": request.param,
                 "requests": [
                     {"prompt_token_ids": ids, "sampling": {"max_tokens": 1, "temperature": 0}, "kv_transfer_params": save_params(ref)}
                     for ids, ref in zip(prompts, refs)
                 ],
             },
-            tmp_path_factory.mktemp("engine"),
+            workdir,
         )
+        log = (workdir / "engine.log").read_text()
+        assert ("KV saved layer by layer" in log) == (request.param == "layer")
+        assert "layers saved layer by layer; copying all of them now" not in log
         assert all(slot.complete(len(ids)) for ids, slot in zip(prompts, slots))  # stamped after the copy
         saved = [slot.kv(torch.float32, fp.kv_shape(len(ids))).clone() for ids, slot in zip(prompts, slots)]
         yield prompts, outputs, saved

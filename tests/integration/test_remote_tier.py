@@ -3,7 +3,8 @@ loopback ports, one serving only ``prefill`` (``--models prefill``), one only
 ``llm`` with ``prefill_model=grpc://127.0.0.1:PORT/prefill``. The KV crosses
 as the interchange tensor over gRPC. The llm server's engine pages its KV in
 blocks of 32 tokens, the prefill server's in vLLM's default 128: the
-interchange tensor is the same whatever the block sizes on either side.
+interchange tensor is the same whatever the block sizes on either side. The
+prefill server saves the KV layer by layer (``kv_save``).
 
 Checked against a single vLLM engine: greedy output identical through the
 remote tier; a client's cancellation ends its request and both servers serve
@@ -31,7 +32,7 @@ GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(prefill server, its stopper, llm server): the prefill server is stopped by a test."""
-    prefill_run = run_server(tmp_path_factory, "--models", "prefill")
+    prefill_run = run_server(tmp_path_factory, "--models", "prefill", "--model-parameter", "prefill:kv_save=layer")
     prefill = next(prefill_run)
     tier = f"grpc://{prefill.grpc_url}/prefill"
     llm_run = run_server(
@@ -83,6 +84,7 @@ def test_remote_prefill_equals_single_engine(servers, reference):
     assert prefill.metrics()['nv_inference_request_success{model="prefill",version="1"}'] == 4
     assert "KV pages: CPU_ATTN, block size 32" in llm.log_text()
     assert "KV pages: CPU_ATTN, block size 128" in prefill.log_text()
+    assert "KV saved layer by layer" in prefill.log_text()
 
 
 def test_cancelled_request_ends_and_both_servers_serve_on(servers, reference):

@@ -11,6 +11,11 @@ histogram (one request at a time, so each sum's increase is one hand-off).
 A plain ``copy_`` of the same bytes, timed in this process in the same run, is
 the yardstick: ``ratio`` = hand-off bandwidth / memcpy bandwidth. The hand-off
 copies twice, so 0.5 is its ceiling.
+
+``--kv-save all,layer`` runs the whole series once per way prefill's connector
+saves the KV (every layer at the end of the step, or each layer as vLLM
+finishes it; a server per way, one after the other in the same run) and adds
+the time to first token, streamed over gRPC, to each row.
 """
 
 from __future__ import annotations
@@ -70,33 +75,42 @@ def memcpy_ms(nbytes: int, repeats: int = 30) -> float:
     return best
 
 
-def handoff_ms(http_url: str, metrics_url: str, transport: str, prompt: str) -> tuple[float, float, float, float]:
-    """One request's (hand-off, gather, scatter) ms and bytes moved."""
-    from hetserve_client import generate_http
+def handoff_ms(http_url: str, metrics_url: str, transport: str, prompt: str, grpc_url: str | None = None):
+    """One request's (hand-off, gather, scatter) ms, bytes moved and time to first token (ms; with ``grpc_url``)."""
+    from hetserve_client import generate_http, stream_grpc
 
+    sampling = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
     before = scrape(metrics_url, transport)
-    generate_http(http_url, prompt, {"max_tokens": 2, "temperature": 0, "ignore_eos": True})
+    ttft = float("nan")
+    if grpc_url:
+        start = time.perf_counter()
+        for i, _ in enumerate(stream_grpc(grpc_url, prompt, sampling)):
+            if i == 0:
+                ttft = (time.perf_counter() - start) * 1e3
+    else:
+        generate_http(http_url, prompt, sampling)
     after = scrape(metrics_url, transport)
     delta = {name: after[name] - before[name] for name in SERIES}
     if delta["handoff_seconds_count"] != 1:
         raise RuntimeError("the request was not handed off (prefilled locally?): check remote_prefill_min_tokens")
     ms = {name: delta[f"{name}_seconds_sum"] * 1e3 for name in ("handoff", "gather", "scatter")}
-    return ms["handoff"], ms["gather"], ms["scatter"], delta["bytes_total"]
+    return ms["handoff"], ms["gather"], ms["scatter"], delta["bytes_total"], ttft
 
 
-def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer) -> list[dict]:
+def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, grpc_url: str | None = None,
+        kv_save: str = "all") -> list[dict]:
     from tqdm import tqdm
 
     rows = []
     plan = [(n, args.runs_long if n >= 2048 else args.runs) for n in args.tokens]
-    with tqdm(total=sum(r for _, r in plan) + len(plan), desc="kv hand-off", unit="req") as bar:
+    with tqdm(total=sum(r for _, r in plan) + len(plan), desc=f"kv hand-off (kv_save {kv_save})", unit="req") as bar:
         for tokens, runs in plan:
             prompt = prompt_of(tokenizer, tokens)
-            handoff_ms(http_url, metrics_url, args.transport, prompt)  # warm: slot files, mappings
+            handoff_ms(http_url, metrics_url, args.transport, prompt, grpc_url)  # warm: slot files, mappings
             bar.update()
             samples = []
             for _ in range(runs):
-                samples.append(handoff_ms(http_url, metrics_url, args.transport, prompt))
+                samples.append(handoff_ms(http_url, metrics_url, args.transport, prompt, grpc_url))
                 bar.update()
             nbytes = int(samples[0][3])
             handoff = sorted(s[0] for s in samples)
@@ -104,6 +118,7 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer) ->
             copy = memcpy_ms(nbytes)
             rows.append({
                 "tokens": tokens,
+                "kv_save": kv_save,
                 "dtype": args.dtype,
                 "bytes": nbytes,
                 "ms_median": round(median, 3),
@@ -111,6 +126,7 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer) ->
                 "gbps": round(nbytes / median / 1e6, 3),
                 "memcpy_gbps": round(nbytes / copy / 1e6, 3),
                 "ratio": round(copy / median, 3),
+                "ttft_ms_median": round(statistics.median(s[4] for s in samples), 3),
                 "_gather_ms": round(statistics.median(s[1] for s in samples), 3),
                 "_scatter_ms": round(statistics.median(s[2] for s in samples), 3),
                 "_memcpy_ms": round(copy, 3),
@@ -120,12 +136,12 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer) ->
 
 def print_table(rows: list[dict], transport: str) -> None:
     print(f"\nKV hand-off, transport {transport} (gather start -> scatter end), against memcpy of the same bytes")
-    print(f"{'tokens':>6} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
-          f"{'gather':>7} {'scatter':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5}")
+    print(f"{'tokens':>6} {'kv_save':>7} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
+          f"{'gather':>7} {'scatter':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5} | {'TTFT ms':>7}")
     for r in rows:
-        print(f"{r['tokens']:>6} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} {r['ms_p90']:7.2f} "
-              f"{r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} | {r['_memcpy_ms']:9.2f} "
-              f"{r['memcpy_gbps']:6.2f} | {r['ratio']:5.2f}")
+        print(f"{r['tokens']:>6} {r['kv_save']:>7} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} "
+              f"{r['ms_p90']:7.2f} {r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} | "
+              f"{r['_memcpy_ms']:9.2f} {r['memcpy_gbps']:6.2f} | {r['ratio']:5.2f} | {r['ttft_ms_median']:7.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="the engines' dtype (the KV travels in it)")
     parser.add_argument("--transport", choices=["shm", "tensor"], default="shm")
     parser.add_argument("--model", default=BENCH_MODEL, help="checkpoint (default: built-in, Llama-3-8B-shaped KV)")
+    parser.add_argument("--kv-save", default="all", help="how prefill saves the KV: all, layer, or all,layer (a server each)")
     parser.add_argument("--url", help="HTTP address of a running server (default: start one)")
+    parser.add_argument("--grpc-url", help="with --url: its gRPC address, for the time to first token")
     parser.add_argument("--metrics-url", help="its metrics address (with --url)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
@@ -147,16 +165,16 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     if args.url:
-        rows = run(args, args.url, args.metrics_url or args.url.rsplit(":", 1)[0] + ":8002", tokenizer)
+        rows = run(args, args.url, args.metrics_url or args.url.rsplit(":", 1)[0] + ":8002", tokenizer, args.grpc_url, args.kv_save)
     else:
-        rows = _with_server(args, tokenizer)
+        rows = [row for mode in args.kv_save.split(",") for row in _with_server(args, tokenizer, mode)]
     print_table(rows, args.transport)
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=1))
     return 0
 
 
-def _with_server(args: argparse.Namespace, tokenizer) -> list[dict]:
+def _with_server(args: argparse.Namespace, tokenizer, kv_save: str) -> list[dict]:
     from hetserve.bench.server import started
 
     longest = max(args.tokens) + 64
@@ -168,8 +186,9 @@ def _with_server(args: argparse.Namespace, tokenizer) -> list[dict]:
         # Room for the longest prompt's KV (and a little more) in each engine.
         "kv_cache_memory_bytes": 3 * longest * 32 * 2 * 8 * 128 * 4,
     }
-    with started(args.model, engine_args, kv_transport=args.transport) as (http_url, _, metrics_url, _):
-        return run(args, http_url, metrics_url, tokenizer)
+    parameters = {"prefill": {"kv_save": kv_save}}
+    with started(args.model, engine_args, kv_transport=args.transport, parameters=parameters) as (http_url, grpc_url, metrics_url, _):
+        return run(args, http_url, metrics_url, tokenizer, grpc_url, kv_save)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ from hetserve.connector_params import PARAMS_KEY
 logger = logging.getLogger(__name__)
 
 
+SAVE_ALL, SAVE_LAYER = "all", "layer"  # kv_save: every layer at the end of the step, or each as it is done
+SAVE_MODES = (SAVE_ALL, SAVE_LAYER)
+
+
 def transfer_params(request: "Request") -> dict[str, Any] | None:
     params = request.kv_transfer_params or {}
     return params.get(PARAMS_KEY)
@@ -92,6 +96,9 @@ class HetserveConnector(KVConnectorBase_V1):
         cfg = self._kv_transfer_config
         self._producer = cfg.is_kv_producer
         self._consumer = cfg.is_kv_consumer
+        self._save_mode = cfg.get_from_extra_config("save", SAVE_ALL)
+        if self._save_mode not in SAVE_MODES:
+            raise ValueError(f"kv_save must be one of {', '.join(SAVE_MODES)}, got {self._save_mode!r}")
         # Scheduler side.
         self._saving: dict[str, _Saving] = {}
         self._to_load: dict[str, TransferSpec] = {}
@@ -99,6 +106,10 @@ class HetserveConnector(KVConnectorBase_V1):
         # Worker side.
         self._layers: list[torch.Tensor] = []
         self._pages = cpu_attn  # the converter of this engine's page layout (register_kv_caches)
+        self._position: dict[str, int] = {}  # layer name -> index in _layers
+        self._layers_saved: dict[str, int] = {}  # kv_save "layer": request -> layers saved in this step
+        self._copy_ns: dict[str, int] = {}  # kv_save "layer": request -> time spent copying them
+        self._told_layerwise = False
         self._maps = MappingCache()
         self._load_errors: set[int] = set()
 
@@ -186,6 +197,7 @@ class HetserveConnector(KVConnectorBase_V1):
         setup_logging()  # this runs in vLLM's worker process
         ordered = sorted(kv_caches.items(), key=lambda item: extract_layer_index(item[0]))
         self._layers = [tensor for _, tensor in ordered]
+        self._position = {name: i for i, (name, _) in enumerate(ordered)}
         backend = _attention_backend(self._vllm_config)
         self._pages = converter(backend)
         shape = tuple(self._layers[0].shape)
@@ -230,21 +242,60 @@ class HetserveConnector(KVConnectorBase_V1):
         return
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # saved all layers at once in wait_for_save
+        """kv_save "layer": copy this layer out as soon as vLLM has run its attention.
+
+        (On a GPU the copy of layer i would overlap the compute of layer i + 1;
+        on the CPU it runs in between, on the same threads.) With kv_save "all"
+        every layer is copied at once in ``wait_for_save``.
+        """
+        if self._save_mode != SAVE_LAYER:
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, HetserveConnectorMetadata)
+        i = self._position.get(layer_name)
+        if i is None or not meta.saves:
+            return
+        for spec in meta.saves:
+            try:
+                _, kv = self._slot(spec)
+                start = now_ns()
+                self._pages.gather(self._layers[i : i + 1], spec.block_ids, kv[i : i + 1])
+                self._copy_ns[spec.req_id] = self._copy_ns.get(spec.req_id, 0) + now_ns() - start
+                self._layers_saved[spec.req_id] = self._layers_saved.get(spec.req_id, 0) + 1
+            except Exception as exc:  # noqa: BLE001 - wait_for_save copies every layer again
+                logger.warning("KV save of layer %s for request %s failed: %s", layer_name, spec.req_id, exc)
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.saves:
+            layers_saved = self._layers_saved.pop(spec.req_id, 0)
+            copy_ns = self._copy_ns.pop(spec.req_id, 0)
+            by_layer = layers_saved == len(self._layers)
+            if self._save_mode == SAVE_LAYER and not by_layer:
+                logger.warning(
+                    "request %s: %d of %d layers saved layer by layer; copying all of them now",
+                    spec.req_id, layers_saved, len(self._layers),
+                )
+            elif by_layer and not self._told_layerwise:
+                self._told_layerwise = True
+                logger.info("KV saved layer by layer (%d layers) as vLLM finished each", len(self._layers))
             try:
                 head, kv = self._slot(spec)
                 start = now_ns()
-                self._pages.gather(self._layers, spec.block_ids, kv)
-                head[Field.GATHER_START_NS] = start
-                head[Field.GATHER_END_NS] = now_ns()
+                if not by_layer:  # kv_save "all", or a layer-wise save that missed a layer
+                    self._pages.gather(self._layers, spec.block_ids, kv)
+                end = now_ns()
+                # Layer by layer, the copies ran between the layers' compute: the
+                # gather interval is their total time, ending now (so the hand-off
+                # histograms count copying, not the forward pass between copies).
+                head[Field.GATHER_START_NS] = end - copy_ns if by_layer else start
+                head[Field.GATHER_END_NS] = end
                 stamp(head, spec.nonce, spec.num_tokens)  # last: the KV is complete
             except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
                 logger.warning("KV save for request %s failed: %s", spec.req_id, exc)
+        self._layers_saved.clear()
+        self._copy_ns.clear()
 
 
 def converter(backend: str):

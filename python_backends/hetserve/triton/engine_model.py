@@ -80,7 +80,8 @@ class EngineModel:
 
     def __init__(self, args: dict[str, str]):
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
-        engine_args = with_connector(load_engine_args(model_json), self.kv_role)
+        self.config = json.loads(args["model_config"])
+        engine_args = with_connector(load_engine_args(model_json), self.kv_role, self.parameter("kv_save", "all"))
         import vllm
 
         logger.info("%s: Python environment %s (vllm %s)", self.name, sys.prefix, vllm.__version__)
@@ -88,7 +89,6 @@ class EngineModel:
         self.engine = EngineLoop(engine_args, name=f"hetserve-{self.name}")
         self.fingerprint = self.engine.fingerprint
         self.max_model_len = self.engine.max_model_len
-        self.config = json.loads(args["model_config"])
         self._check_kv_type()
         self.request_timeout_s = float(self.limit("request_timeout_s"))
         self.admission = Admission(
