@@ -126,7 +126,7 @@ def run(binary: Path, env: dict, url: str, model: str, data: Path, concurrency: 
     return row
 
 
-def _repository_model() -> str:
+def repository_model() -> str:
     from hetserve.bench.throughput import ROOT
 
     return json.loads((ROOT / "model_repository" / "llm" / "1" / "model.json").read_text())["model"]
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             with started(args.model, {}, models=served) as (_, grpc_url, _, _):
                 rows = measure(grpc_url)
     result = {
-        "date": time.strftime("%Y-%m-%d"), "checkpoint": args.model or _repository_model(),
+        "date": time.strftime("%Y-%m-%d"), "checkpoint": args.model or repository_model(),
         "max_tokens": args.max_tokens, "prompts": args.prompts, "perf_analyzer": WHEEL, "rows": rows,
     }
     print(json.dumps(result, indent=1))

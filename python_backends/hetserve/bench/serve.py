@@ -95,13 +95,13 @@ async def triton_request(client, model: str, prompt: str, max_tokens: int) -> Ti
     import numpy as np
 
     from hetserve import names
-    from hetserve.bench.streams import _inputs
+    from hetserve.bench.streams import grpc_inputs
 
     sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     timing = Timing(time.perf_counter())
 
     async def request():
-        yield {"model_name": model, "inputs": _inputs(prompt, sampling)}
+        yield {"model_name": model, "inputs": grpc_inputs(prompt, sampling)}
 
     got = 0
     async for result, error in client.stream_infer(request()):
@@ -165,16 +165,12 @@ async def closed_loop(send, prompts: list[str], concurrency: int, bar=None) -> t
 # ------------------------------------------------------------------ servers
 
 
-def free_port() -> int:
-    from hetserve.bench.server import free_port as port
-
-    return port()
-
-
 @contextmanager
 def vllm_serve(engine_args: dict, log: Path):
     """vLLM's OpenAI server on a free loopback port, with ``engine_args``; yields its address."""
     import urllib.request
+
+    from hetserve.bench.server import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
@@ -290,7 +286,7 @@ def write_report(rows: list[dict], out: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetserve.bench.perf import _repository_model
+    from hetserve.bench.perf import repository_model
     from hetserve.bench.throughput import ROOT, make_prompts
     from hetserve import names
     from hetserve.launcher import ServeOptions, engine_settings
@@ -308,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
-    args.checkpoint = args.model or _repository_model()
+    args.checkpoint = args.model or repository_model()
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y-%m-%d")
     out.mkdir(parents=True, exist_ok=True)
     # As the server runs llm's engine, dtype included (vLLM's "auto" would run

@@ -22,7 +22,7 @@ from hetserve import names
 from hetserve.checkpoint import _WORDS
 
 
-def _inputs(prompt: str, sampling: dict):
+def grpc_inputs(prompt: str, sampling: dict):
     import tritonclient.grpc as grpcclient
 
     tensors = []
@@ -45,7 +45,7 @@ async def separate(url: str, prompts: list[str], sampling: dict) -> list[tuple[l
 
     async def one(i: int):
         async def request():
-            yield {"model_name": "llm", "inputs": _inputs(prompts[i], sampling), "request_id": str(i)}
+            yield {"model_name": "llm", "inputs": grpc_inputs(prompts[i], sampling), "request_id": str(i)}
 
         ids: list[int] = []
         async for result, error in client.stream_infer(request()):
@@ -72,7 +72,7 @@ async def multiplexed(url: str, prompts: list[str], sampling: dict) -> list[tupl
 
     async def requests():
         for i, prompt in enumerate(prompts):
-            yield {"model_name": "llm", "inputs": _inputs(prompt, sampling), "request_id": str(i)}
+            yield {"model_name": "llm", "inputs": grpc_inputs(prompt, sampling), "request_id": str(i)}
 
     ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     errors: list[str] = []

@@ -107,8 +107,8 @@ class HetserveConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._pages = cpu_attn  # the converter of this engine's page layout (register_kv_caches)
         self._position: dict[str, int] = {}  # layer name -> index in _layers
-        self._layers_saved: dict[str, int] = {}  # kv_save "layer": request -> layers saved in this step
-        self._copy_ns: dict[str, int] = {}  # kv_save "layer": request -> time spent copying them
+        # kv_save "layer": request -> [layers saved in this step, ns spent copying them]
+        self._by_layer: dict[str, list[int]] = {}
         self._told_layerwise = False
         self._maps = MappingCache()
         self._load_errors: set[int] = set()
@@ -260,8 +260,9 @@ class HetserveConnector(KVConnectorBase_V1):
                 _, kv = self._slot(spec)
                 start = now_ns()
                 self._pages.gather(self._layers[i : i + 1], spec.block_ids, kv[i : i + 1])
-                self._copy_ns[spec.req_id] = self._copy_ns.get(spec.req_id, 0) + now_ns() - start
-                self._layers_saved[spec.req_id] = self._layers_saved.get(spec.req_id, 0) + 1
+                done = self._by_layer.setdefault(spec.req_id, [0, 0])
+                done[0] += 1
+                done[1] += now_ns() - start
             except Exception as exc:  # noqa: BLE001 - wait_for_save copies every layer again
                 logger.warning("KV save of layer %s for request %s failed: %s", layer_name, spec.req_id, exc)
 
@@ -269,8 +270,7 @@ class HetserveConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.saves:
-            layers_saved = self._layers_saved.pop(spec.req_id, 0)
-            copy_ns = self._copy_ns.pop(spec.req_id, 0)
+            layers_saved, copy_ns = self._by_layer.pop(spec.req_id, (0, 0))
             by_layer = layers_saved == len(self._layers)
             if self._save_mode == SAVE_LAYER and not by_layer:
                 logger.warning(
@@ -294,8 +294,7 @@ class HetserveConnector(KVConnectorBase_V1):
                 stamp(head, spec.nonce, spec.num_tokens)  # last: the KV is complete
             except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
                 logger.warning("KV save for request %s failed: %s", spec.req_id, exc)
-        self._layers_saved.clear()
-        self._copy_ns.clear()
+        self._by_layer.clear()
 
 
 def converter(backend: str):
