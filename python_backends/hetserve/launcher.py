@@ -459,8 +459,18 @@ def server_command(triton: TritonInstall, options: ServeOptions, repo: Path, bac
 
 
 def is_ready(host: str, http_port: int) -> bool:
+    return _answers(f"http://{host}:{http_port}/v2/health/ready")
+
+
+def serves_metrics(host: str, metrics_port: int) -> bool:
+    """Whether Triton's metrics service answers: it binds its port last, after
+    HTTP already says ready, and exits if the port is taken."""
+    return _answers(f"http://{host}:{metrics_port}/metrics")
+
+
+def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -599,7 +609,9 @@ class Server:
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
-            if is_ready(self.options.host, self.options.http_port):
+            if is_ready(self.options.host, self.options.http_port) and serves_metrics(
+                self.options.host, self.options.metrics_port
+            ) and self.process.poll() is None:
                 admin = TritonAdmin(self.options.host, self.options.http_port, self.options.admin_key)
                 self.supervisor = Supervisor(self.process.pid, admin, self.models)
                 self.watch()

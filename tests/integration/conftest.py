@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def _wait_started(launcher: subprocess.Popen, server: Server) -> None:
             pytest.fail(f"hetserve serve exited with {launcher.returncode}:\n{server.log_text()[-6000:]}")
         try:
             wait_ready(server.http_url, timeout=5)
-            break
-        except TimeoutError:
+            # HTTP says ready before the metrics service binds its port (last);
+            # if that port was taken, the server exits just after.
+            with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=2):
+                pass
+            if launcher.poll() is None:
+                break
+        except (TimeoutError, OSError):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-6000:]}")
     print(f"\nserver ready in {time.monotonic() - started:.1f} s", file=sys.stderr)

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from hetserve import names, shm
-from hetserve.launcher import ServeOptions, TritonInstall, assemble_backends, prepare_repository, remove_shm, server_command
+from hetserve.launcher import ServeOptions, TritonInstall, assemble_backends, prepare_repository, remove_shm, server_command, serves_metrics
 
 
 def config(repo, model):
@@ -243,3 +243,24 @@ def test_an_unknown_transfer_dtype_is_refused_before_start(tmp_path, model_path)
         prepare_repository(options, tmp_path / "repo", gpu=False)
     prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"kv_transfer_dtype": "int8"}}), tmp_path / "ok", gpu=False)
     assert config(tmp_path / "ok", "llm").parameters["kv_transfer_dtype"].string_value == "int8"
+
+
+def test_metrics_port_counts_only_when_it_answers():
+    """Readiness waits for the metrics service too: Triton binds it after HTTP says ready."""
+    import http.server
+    import threading
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Metrics) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        port = httpd.server_address[1]
+        assert serves_metrics("127.0.0.1", port)
+        httpd.shutdown()
+    assert not serves_metrics("127.0.0.1", port)  # nothing listens there now
