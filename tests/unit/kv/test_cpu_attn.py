@@ -107,14 +107,15 @@ def test_dtype_mismatch_is_refused():
         cpu_attn.scatter(torch.zeros(L, 2, H, 4, D, dtype=torch.float16), make_layers(), [0])
 
 
-# --- 2-byte dtypes: the numba kernel, checked against the pure-torch path ---------------------
+# --- the numba kernel (2- and 4-byte dtypes), checked against the pure-torch path --------------
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 
 
 def random_bits(*shape, dtype=torch.bfloat16):
     # every bit pattern (NaNs, infinities, denormals): the converters move bytes, not values
-    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16).view(dtype)
+    halves = dtype.itemsize // 2
+    return torch.randint(-(2**15), 2**15, (*shape[:-1], shape[-1] * halves), dtype=torch.int16).view(dtype)
 
 
 def bits(t):
@@ -127,7 +128,7 @@ def torch_only(monkeypatch):
 
     def run(fn, *args):
         with monkeypatch.context() as m:
-            m.setattr(cpu_attn, "_kernel", lambda bs: None)
+            m.setattr(cpu_attn, "_kernel", lambda *_: None)
             return fn(*args)
 
     return run
@@ -137,17 +138,18 @@ def torch_only(monkeypatch):
 @pytest.mark.parametrize("num_tokens", [1, 127, 128, 129, 3 * BS + 5, 4 * BS])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("head_dim", [8, 128])
-def test_kernel_matches_the_torch_path_byte_for_byte(num_tokens, contiguous, head_dim, torch_only):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_the_torch_path_byte_for_byte(num_tokens, contiguous, head_dim, dtype, torch_only):
     torch.manual_seed(num_tokens + head_dim)
-    kv = random_bits(L, 2, H, num_tokens, head_dim)
+    kv = random_bits(L, 2, H, num_tokens, head_dim, dtype=dtype)
     ids = block_ids_for(num_tokens, contiguous)
-    layers = [random_bits(BLOCKS, H, BS, 2 * head_dim) for _ in range(L)]
+    layers = [random_bits(BLOCKS, H, BS, 2 * head_dim, dtype=dtype) for _ in range(L)]
     expected = [layer.clone() for layer in layers]
     assert cpu_attn._numba_copy(kv, layers, ids, to_pages=True)
     torch_only(cpu_attn.scatter, kv, expected, ids)
     for got, want in zip(layers, expected):
         assert torch.equal(bits(got), bits(want))  # stale slots and unlisted blocks included
-    out = random_bits(*kv.shape)
+    out = random_bits(*kv.shape, dtype=dtype)
     cpu_attn.gather(layers, ids, out)
     assert torch.equal(bits(out), bits(kv))
     via_torch = torch_only(cpu_attn.gather, layers, ids, torch.empty_like(kv))
@@ -188,25 +190,40 @@ def test_kernel_with_a_leading_token_slice_both_ways(threads):
 
 
 @needs_numba
-def test_float16_goes_through_the_kernel_too():
-    kv = random_bits(L, 2, H, 130, D, dtype=torch.float16)
-    layers = [random_bits(BLOCKS, H, BS, 2 * D, dtype=torch.float16) for _ in range(L)]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_float16_and_float32_go_through_the_kernel_too(dtype):
+    kv = random_bits(L, 2, H, 130, D, dtype=dtype)
+    layers = [random_bits(BLOCKS, H, BS, 2 * D, dtype=dtype) for _ in range(L)]
     assert cpu_attn._numba_copy(kv, layers, [5, 9], to_pages=True)
     out = torch.empty_like(kv)
     assert torch.equal(bits(cpu_attn.gather(layers, [5, 9], out)), bits(kv))
 
 
+@needs_numba
+@pytest.mark.parametrize("num_tokens", [130, 2 * BS])
+def test_kernel_takes_unaligned_tensors(num_tokens, torch_only):
+    # KV starting 2 bytes past a 64-byte boundary: no streaming stores there, the same bytes
+    storage = random_bits(L * 2 * H * num_tokens * D + 1)
+    kv = storage[1:].view(L, 2, H, num_tokens, D)
+    layers = [random_bits(BLOCKS, H, BS, 2 * D) for _ in range(L)]
+    expected = [layer.clone() for layer in layers]
+    assert cpu_attn._numba_copy(kv, layers, [5, 9], to_pages=True)
+    torch_only(cpu_attn.scatter, kv, expected, [5, 9])
+    assert all(torch.equal(bits(got), bits(want)) for got, want in zip(layers, expected))
+    out = random_bits(L * 2 * H * num_tokens * D + 1)[1:].view(L, 2, H, num_tokens, D)
+    assert cpu_attn._numba_copy(out, layers, [5, 9], to_pages=False)
+    assert torch.equal(bits(out), bits(kv))
+
+
 def test_inputs_the_kernel_cannot_take_fall_back_to_torch():
-    layers = make_layers()
-    assert not cpu_attn._numba_copy(torch.zeros(L, 2, H, 4, D), layers, [0], to_pages=True)  # float32
-    # a tensor starting 2 bytes past a 16-byte boundary
-    storage = random_bits(L * 2 * H * 130 * D + 1)
-    kv = storage[1:].view(L, 2, H, 130, D)
-    bf16_layers = make_layers(torch.bfloat16)
-    assert not cpu_attn._numba_copy(kv, bf16_layers, [5, 9], to_pages=True)
-    cpu_attn.scatter(kv, bf16_layers, [5, 9])
+    # 8-byte elements, and head dims that are not a multiple of the kernel's 8x8 tiles
+    assert not cpu_attn._numba_copy(torch.zeros(L, 2, H, 4, D, dtype=torch.float64), make_layers(torch.float64), [0], True)
+    kv = torch.randn(L, 2, H, 130, 12).to(torch.bfloat16)
+    layers = [torch.zeros(BLOCKS, H, BS, 24, dtype=torch.bfloat16) for _ in range(L)]
+    assert not cpu_attn._numba_copy(kv, layers, [5, 9], to_pages=True)
+    cpu_attn.scatter(kv, layers, [5, 9])
     out = torch.empty_like(kv)
-    assert torch.equal(bits(cpu_attn.gather(bf16_layers, [5, 9], out)), bits(kv))
+    assert torch.equal(bits(cpu_attn.gather(layers, [5, 9], out)), bits(kv))
 
 
 @pytest.mark.parametrize("ids", [[0, BLOCKS], [-1, 2]])
