@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""The GPU side of hetserve's KV path, on a machine with a CUDA GPU and only PyTorch (no vLLM).
+
+    python scripts/gpu_check.py [--json gpu_check.json] [--tokens 512] [--repeats 20]
+
+Three checks, one table, and the rows as JSON with ``--json``:
+
+1. **Converters on CUDA tensors** (``hetserve.kv.flash``): pages laid out as
+   vLLM 0.32's FlashAttention/FlashInfer/FlexAttention/Triton backends lay them
+   out, in each of ``KVCacheLayout``'s stride orders (re-derived below: vLLM is
+   not needed here) at block sizes 16, 32 and 64; gather and scatter on the GPU
+   must equal the same on the CPU byte for byte. Gather is timed on device.
+2. **Device -> host into a registered shared-memory slot**: a Llama-3-8B-shaped
+   KV (32 layers, 8 KV heads, head dim 128, bfloat16; 64 MiB at 512 tokens)
+   from CUDA pages into a ``/dev/shm`` file mapped with ``torch.from_file`` and
+   registered with ``cudaHostRegister`` -- the slot prefill's worker writes.
+   Whole (one device gather, one copy to host), and per layer on a side stream
+   while matmuls (standing in for the next layers' compute) run on the default
+   stream. Target: the whole 512-token KV in host memory in under 10 ms.
+3. **Quantization on the GPU** (``hetserve.kv.transfer``): encode and decode
+   throughput per transfer dtype, and the worst error against the exact KV.
+
+``--device cpu`` runs the same code on the CPU with small sizes (no CUDA
+registration, no streams): the CPU twin the unit tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_backends"))
+
+from hetserve.kv import flash, transfer  # noqa: E402  (torch only)
+
+LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+# vllm/v1/kv_cache_layout.py (0.32): KVCacheLayout's stride orders of [L, B, H, N, C]
+# (layers, blocks, KV heads, tokens in a block, 2 * head_dim).
+STRIDE_ORDERS = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "LHBNC": (0, 2, 1, 3, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+    "BHLNC": (1, 2, 0, 3, 4),
+}
+
+
+def pages(order: tuple[int, ...], layers: int, blocks: int, heads: int, block_size: int, head_dim: int, device: str):
+    """Each layer's logical [B, H, N, 2D] view of one storage in ``order``'s physical order, random bits."""
+    logical = (layers, blocks, heads, block_size, 2 * head_dim)
+    storage = torch.randint(-(2**15), 2**15, [logical[i] for i in order], dtype=torch.int16, device=device).view(DTYPE)
+    view = storage.permute([order.index(i) for i in range(5)])
+    return [view[i] for i in range(layers)]
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def check_converters(device: str, tokens: int, repeats: int) -> list[dict]:
+    rows = []
+    layers, heads, head_dim = (LAYERS, HEADS, HEAD_DIM) if device == "cuda" else (2, 2, 16)
+    for name, order in STRIDE_ORDERS.items():
+        for block_size in (16, 32, 64):
+            needed = -(-tokens // block_size)
+            ids = torch.randperm(2 * needed + 1, generator=torch.Generator().manual_seed(block_size))[:needed].tolist()
+            on_device = pages(order, layers, 2 * needed + 1, heads, block_size, head_dim, device)
+            on_cpu = [layer.cpu() for layer in on_device]
+            kv_shape = (layers, 2, heads, tokens, head_dim)
+            got = flash.gather(on_device, ids, torch.empty(kv_shape, dtype=DTYPE, device=device))
+            want = flash.gather(on_cpu, ids, torch.empty(kv_shape, dtype=DTYPE))
+            gather_ok = torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+            fresh = torch.randint(-(2**15), 2**15, kv_shape, dtype=torch.int16).view(DTYPE)
+            flash.scatter(fresh.to(device), on_device, ids)
+            flash.scatter(fresh, on_cpu, ids)
+            scatter_ok = all(torch.equal(a.cpu().view(torch.int16), b.view(torch.int16)) for a, b in zip(on_device, on_cpu))
+            out = torch.empty(kv_shape, dtype=DTYPE, device=device)
+            ms = timed(lambda: flash.gather(on_device, ids, out), repeats, device)
+            nbytes = out.numel() * out.element_size()
+            rows.append({
+                "check": "converter", "layout": name, "block_size": block_size, "tokens": tokens,
+                "gather_equal": gather_ok, "scatter_equal": scatter_ok, "gather_ms": round(ms, 4),
+                "gather_gbps": round(nbytes / ms / 1e6, 2), "bytes": nbytes,
+            })
+    return rows
+
+
+class Slot:
+    """A /dev/shm file mapped as a tensor and, on a GPU, registered with CUDA (page-locked)."""
+
+    def __init__(self, nbytes: int, device: str):
+        self.path = Path("/dev/shm") / f"hetserve-gpu-check-{os.getpid()}"
+        self.path.write_bytes(b"")
+        os.truncate(self.path, nbytes)
+        self.data = torch.from_file(str(self.path), shared=True, size=nbytes, dtype=torch.uint8)
+        self.data.fill_(0)  # fault every page in now
+        self.registered = False
+        if device == "cuda":
+            err = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister failed: {err}")
+            self.registered = True
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+        del self.data
+        self.path.unlink(missing_ok=True)
+
+
+def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
+    layers, heads, head_dim = (LAYERS, HEADS, HEAD_DIM) if device == "cuda" else (4, 2, 16)
+    block_size = 16
+    needed = -(-tokens // block_size)
+    ids = list(range(1, needed + 1))
+    cache = pages(STRIDE_ORDERS["LBNHC"], layers, needed + 2, heads, block_size, head_dim, device)
+    kv_shape = (layers, 2, heads, tokens, head_dim)
+    nbytes = layers * 2 * heads * tokens * head_dim * 2
+    slot = Slot(nbytes, device)
+    rows = []
+    try:
+        host = slot.data.view(DTYPE).view(kv_shape)
+        staging = torch.empty(kv_shape, dtype=DTYPE, device=device)
+
+        def whole():
+            flash.gather(cache, ids, staging)  # pages -> one dense tensor, on the device
+            host.copy_(staging, non_blocking=True)
+
+        if device == "cuda":
+            copy_ms = timed(lambda: host.copy_(staging, non_blocking=True), repeats, device)
+        else:
+            copy_ms = timed(lambda: host.copy_(staging), repeats, device)
+        whole_ms = timed(whole, repeats, device)
+        exact = torch.equal(host.view(torch.int16).cpu(), staging.cpu().view(torch.int16))
+        rows.append({"check": "d2h", "mode": "whole", "tokens": tokens, "bytes": nbytes, "ms": round(whole_ms, 3),
+                     "copy_only_ms": round(copy_ms, 3), "gbps": round(nbytes / whole_ms / 1e6, 2), "equal": exact,
+                     "registered": slot.registered, "under_10ms": whole_ms < 10.0})
+
+        # Per layer: layer i's copy overlaps the compute of the layers after it.
+        n = 4096 if device == "cuda" else 256
+        a = torch.randn(n, n, device=device, dtype=DTYPE)
+        side = torch.cuda.Stream() if device == "cuda" else None
+
+        def compute_only():
+            for _ in range(layers):
+                a @ a
+
+        def per_layer():
+            for i in range(layers):
+                a @ a  # "layer i"
+                if side is None:
+                    flash.gather(cache[i : i + 1], ids, staging[i : i + 1])
+                    host[i].copy_(staging[i])
+                    continue
+                done = torch.cuda.Event()
+                done.record()
+                with torch.cuda.stream(side):
+                    side.wait_event(done)
+                    flash.gather(cache[i : i + 1], ids, staging[i : i + 1])
+                    host[i].copy_(staging[i], non_blocking=True)
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)
+
+        compute_ms = timed(compute_only, repeats, device)
+        both_ms = timed(per_layer, repeats, device)
+        exact = torch.equal(host.view(torch.int16).cpu(), staging.cpu().view(torch.int16))
+        hidden = (compute_ms + whole_ms - both_ms) / whole_ms if whole_ms else 0.0
+        rows.append({"check": "d2h", "mode": "per_layer_side_stream", "tokens": tokens, "bytes": nbytes,
+                     "ms": round(both_ms, 3), "compute_only_ms": round(compute_ms, 3),
+                     "copy_hidden_fraction": round(hidden, 3), "equal": exact, "registered": slot.registered})
+    finally:
+        slot.close()
+    return rows
+
+
+def check_quantization(device: str, tokens: int, repeats: int) -> list[dict]:
+    layers, heads, head_dim = (LAYERS, HEADS, HEAD_DIM) if device == "cuda" else (2, 2, 16)
+    kv = torch.randn(layers, 2, heads, tokens, head_dim, device=device).to(DTYPE)
+    nbytes = kv.numel() * kv.element_size()
+    rows = []
+    for name in transfer.TRANSFER_DTYPES[1:]:
+        payload, scales = transfer.encode(kv, name)
+        out = torch.empty_like(kv)
+        transfer.decode_into(payload, scales, name, out)
+        err = ((out.float() - kv.float()).abs().amax(dim=-1) / kv.float().abs().amax(dim=-1).clamp(min=1e-30)).max().item()
+        encode_ms = timed(lambda: transfer.encode(kv, name), repeats, device)
+        decode_ms = timed(lambda: transfer.decode_into(payload, scales, name, out), repeats, device)
+        wire = payload.numel() * payload.element_size() + (0 if scales is None else scales.numel() * 4)
+        rows.append({"check": "quantize", "dtype": name, "tokens": tokens, "bytes": nbytes, "wire_bytes": wire,
+                     "encode_ms": round(encode_ms, 4), "decode_ms": round(decode_ms, 4),
+                     "encode_gbps": round(nbytes / encode_ms / 1e6, 2), "max_rel_error": err})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One table per check, a column per field."""
+    for check in dict.fromkeys(r["check"] for r in rows):
+        group = [r for r in rows if r["check"] == check]
+        keys = [k for k in dict.fromkeys(k for r in group for k in r) if k != "check"]
+        cells = [[str(r.get(k, "")) for k in keys] for r in group]
+        widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+        print(f"\n{check}")
+        print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+        for c in cells:
+            print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible: run on a GPU machine, or pass --device cpu for the CPU twin", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    info = {"check": "machine", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__}
+    rows = [info]
+    rows += check_converters(args.device, args.tokens, args.repeats)
+    rows += check_device_to_host(args.device, args.tokens, args.repeats)
+    rows += check_quantization(args.device, args.tokens, args.repeats)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    failed = [r for r in rows if r.get("gather_equal") is False or r.get("scatter_equal") is False or r.get("equal") is False]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
