@@ -10,7 +10,9 @@ excluded — comes from the server's own ``hetserve_kv_handoff_seconds``
 histogram (one request at a time, so each sum's increase is one hand-off).
 A plain ``copy_`` of the same bytes, timed in this process in the same run, is
 the yardstick: ``ratio`` = hand-off bandwidth / memcpy bandwidth. The hand-off
-copies twice, so 0.5 is its ceiling.
+copies twice, so 0.5 is its ceiling. The table also shows the gather, the
+scatter, and the time between them (prefill's engine finishing its step, the
+BLS reply, llm adding the decode request, decode's engine scheduling it).
 
 ``--kv-save all,layer`` runs the whole series once per way prefill's connector
 saves the KV (every layer at the end of the step, or each layer as vLLM
@@ -129,6 +131,8 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
                 "ttft_ms_median": round(statistics.median(s[4] for s in samples), 3),
                 "_gather_ms": round(statistics.median(s[1] for s in samples), 3),
                 "_scatter_ms": round(statistics.median(s[2] for s in samples), 3),
+                # Neither copy: prefill's engine returning the step, the BLS reply, llm starting the decode request.
+                "_between_ms": round(statistics.median(s[0] - s[1] - s[2] for s in samples), 3),
                 "_memcpy_ms": round(copy, 3),
             })
     return rows
@@ -137,10 +141,10 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
 def print_table(rows: list[dict], transport: str) -> None:
     print(f"\nKV hand-off, transport {transport} (gather start -> scatter end), against memcpy of the same bytes")
     print(f"{'tokens':>6} {'kv_save':>7} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
-          f"{'gather':>7} {'scatter':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5} | {'TTFT ms':>7}")
+          f"{'gather':>7} {'scatter':>7} {'between':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5} | {'TTFT ms':>7}")
     for r in rows:
         print(f"{r['tokens']:>6} {r['kv_save']:>7} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} "
-              f"{r['ms_p90']:7.2f} {r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} | "
+              f"{r['ms_p90']:7.2f} {r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} {r['_between_ms']:7.2f} | "
               f"{r['_memcpy_ms']:9.2f} {r['memcpy_gbps']:6.2f} | {r['ratio']:5.2f} | {r['ttft_ms_median']:7.1f}")
 
 

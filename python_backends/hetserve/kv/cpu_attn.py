@@ -12,8 +12,8 @@ refuses a cache whose pages differ, rather than moving garbage.
 The K transpose is the cost: torch's strided ``copy_`` moves one element per
 step (~2 elements/ns, a third of a plain copy's speed). For 2- and 4-byte dtypes
 a numba kernel instead handles one (block, head) page at a time: K is copied
-whole into an L1/L2-resident buffer, transposed there in 8x8 tiles of vector
-shuffles, and written out whole; V is copied as is. The writes to memory are
+whole into an L1/L2-resident buffer, transposed there in tiles of vector
+shuffles (``simd.transpose``), and written out whole; V is copied as is. The writes to memory are
 streaming stores (``simd.stream``), which skip the read a plain store makes of
 its destination: that saving pays for most of the in-cache transposes (a
 gather or scatter of a Llama-3-8B-shaped bf16 KV ran at 0.73-0.85x of a plain
@@ -73,34 +73,39 @@ def _kernel(bs: int, width: int):
         staged = np.empty(2 * k_bytes, np.uint8)
         a = staged.ctypes.data
         b = a + k_bytes
-        for j in range(ids.shape[0]):
+        wide_t = simd.tile_rows(width, d)  # gather: tiles of 8 tokens x wide_t dims
+        wide_d = simd.tile_rows(width, bs)  # scatter: tiles of wide_d tokens x 8 dims
+        blocks = ids.shape[0]
+        for q in range(blocks * heads):
+            # Scatter goes head by head (its reads, K and V of one head, are then two long runs);
+            # gather block by block (its reads, a block's pages, are one run).
+            h, j = (q // blocks, q % blocks) if to_pages else (q % heads, q // heads)
             n = min(bs, tokens - j * bs)
-            for h in range(heads):
-                k = kv + (h * head + j * bs * d) * width  # this block's K rows [n, d]
-                v = k + half * width
-                p = pages + (ids[j] * heads + h) * 2 * k_bytes
-                if to_pages:
-                    simd.stream(p + k_bytes, v, n * row)
-                    if n == bs:
-                        simd.copy(a, k, k_bytes)
-                        for t in range(0, bs, 8):
-                            for e in range(0, d, 8):
-                                simd.transpose8x8(width, a + t * row + e * width, row, b + (e * bs + t) * width, bs * width)
-                        simd.stream(p, b, k_bytes)
-                    else:  # a partial block: the slots past the prompt keep what they hold
-                        for t in range(0, n - n % 8, 8):
-                            for e in range(0, d, 8):
-                                simd.transpose8x8(width, k + t * row + e * width, row, p + (e * bs + t) * width, bs * width)
-                        for t in range(n - n % 8, n):
-                            for e in range(d):
-                                simd.copy(p + (e * bs + t) * width, k + t * row + e * width, width)
-                else:
-                    simd.copy(a, p, k_bytes)
-                    for t in range(0, n, 8):  # (rows of b past the prompt are not copied out)
+            k = kv + (h * head + j * bs * d) * width  # this block's K rows [n, d]
+            v = k + half * width
+            p = pages + (ids[j] * heads + h) * 2 * k_bytes
+            if to_pages:
+                simd.stream(p + k_bytes, v, n * row)
+                if n == bs:
+                    simd.copy(a, k, k_bytes)
+                    for t in range(0, bs, wide_d):
                         for e in range(0, d, 8):
-                            simd.transpose8x8(width, a + (e * bs + t) * width, bs * width, b + t * row + e * width, row)
-                    simd.stream(k, b, n * row)
-                    simd.stream(v, p + k_bytes, n * row)
+                            simd.transpose(width, wide_d, a + t * row + e * width, row, b + (e * bs + t) * width, bs * width)
+                    simd.stream(p, b, k_bytes)
+                else:  # a partial block: the slots past the prompt keep what they hold
+                    for t in range(0, n - n % 8, 8):
+                        for e in range(0, d, 8):
+                            simd.transpose(width, 8, k + t * row + e * width, row, p + (e * bs + t) * width, bs * width)
+                    for t in range(n - n % 8, n):
+                        for e in range(d):
+                            simd.copy(p + (e * bs + t) * width, k + t * row + e * width, width)
+            else:
+                simd.copy(a, p, k_bytes)
+                for t in range(0, n, 8):  # (rows of b past the prompt are not copied out)
+                    for e in range(0, d, wide_t):
+                        simd.transpose(width, wide_t, a + (e * bs + t) * width, bs * width, b + t * row + e * width, row)
+                simd.stream(k, b, n * row)
+                simd.stream(v, p + k_bytes, n * row)
         simd.fence()
 
     return kernel

@@ -1,7 +1,7 @@
 """Numba intrinsics for moving KV bytes: 8x8 tile transposes and streaming copies.
 
 Written as LLVM IR (``shufflevector``, ``!nontemporal`` stores, ``llvm.memcpy``)
-so that LLVM, not numba's loop vectorizer, picks the instructions: on x86 a tile
+so that LLVM, not numba's loop vectorizer, picks the instructions: on x86 an 8x8
 transpose is 24 unpack shuffles, a streaming copy uses ``vmovntps``. LLVM lowers
 the same IR on every target numba supports, only the instructions differ.
 Addresses are plain int64s; callers keep the tensors they point into alive.
@@ -30,33 +30,45 @@ def _unpack(lo: bool, group: int) -> list[int]:
     return [x for k in range(0, 4, group) for x in [*range(first + k, first + k + group), *range(8 + first + k, 8 + first + k + group)]]
 
 
-def _transpose8(width: int):
-    """An intrinsic transposing one 8x8 tile of ``width``-byte elements.
+def _transpose(width: int, m: int):
+    """An intrinsic transposing a tile of 8m rows x 8 columns of ``width``-byte elements.
 
     ``(src, src_stride, dst, dst_stride)``: addresses and row strides in bytes;
-    reads 8 rows of 8 elements at ``src``, writes row i of the result (column i
-    of the tile) at ``dst + i * dst_stride``. Unaligned rows are fine.
+    reads rows of 8 elements at ``src``, writes 8 rows of 8m elements (the
+    tile's columns) at ``dst``. Unaligned rows are fine. Rows i, i + 8, ... share
+    a vector, one 8x8 transpose per 8-lane group of it, so each written row is
+    one wide store (m = 4: 64 bytes of bfloat16).
     """
-    vector = ir.VectorType(ir.IntType(8 * width), 8)
+    element = ir.IntType(8 * width)
+    row, wide = ir.VectorType(element, 8), ir.VectorType(element, 8 * m)
 
     @intrinsic
     def transpose(typingctx, src, src_stride, dst, dst_stride):
         def codegen(context, builder, signature, args):
             s, ss, d, ds = args
 
-            def row(base, stride, i):
+            def at(base, stride, i, vector):
                 return builder.inttoptr(builder.add(base, builder.mul(stride, ir.Constant(_I64, i))), vector.as_pointer())
 
-            def shuffle(a, b, lo, group):
-                return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 8), _unpack(lo, group)))
+            def shuffle(a, b, mask):
+                return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
 
-            r = [builder.load(row(s, ss, i), align=1) for i in range(8)]
-            # Three rounds of interleaving (elements, pairs, quads) turn rows into columns.
-            a = [shuffle(r[i - i % 2], r[i - i % 2 + 1], i % 2 == 0, 1) for i in range(8)]
-            b = [shuffle(a[4 * (i // 4) + (i % 4) // 2], a[4 * (i // 4) + (i % 4) // 2 + 2], i % 2 == 0, 2) for i in range(8)]
-            c = [shuffle(b[i // 2], b[i // 2 + 4], i % 2 == 0, 4) for i in range(8)]
+            def unpack(a, b, lo, group):  # in every 8-lane group at once
+                return shuffle(a, b, [x + 8 * g + (8 * m - 8) * (x >= 8) for g in range(m) for x in _unpack(lo, group)])
+
+            r = []
             for i in range(8):
-                builder.store(c[i], row(d, ds, i), align=1)
+                parts = [builder.load(at(s, ss, 8 * g + i, row), align=1) for g in range(m)]
+                while len(parts) > 1:  # concatenate: [row i | row i + 8 | ...]
+                    n = parts[0].type.count
+                    parts = [shuffle(parts[k], parts[k + 1], list(range(2 * n))) for k in range(0, len(parts), 2)]
+                r.append(parts[0])
+            # Three rounds of interleaving (elements, pairs, quads) turn rows into columns.
+            a = [unpack(r[i - i % 2], r[i - i % 2 + 1], i % 2 == 0, 1) for i in range(8)]
+            b = [unpack(a[4 * (i // 4) + (i % 4) // 2], a[4 * (i // 4) + (i % 4) // 2 + 2], i % 2 == 0, 2) for i in range(8)]
+            c = [unpack(b[i // 2], b[i // 2 + 4], i % 2 == 0, 4) for i in range(8)]
+            for i in range(8):
+                builder.store(c[i], at(d, ds, i, wide), align=1)
             return context.get_dummy_value()
 
         return _ADDR, codegen
@@ -64,8 +76,7 @@ def _transpose8(width: int):
     return transpose
 
 
-transpose8x8_16 = _transpose8(2)
-transpose8x8_32 = _transpose8(4)
+_T16_1, _T16_2, _T16_4, _T32_1 = _transpose(2, 1), _transpose(2, 2), _transpose(2, 4), _transpose(4, 1)
 
 
 @intrinsic
@@ -121,10 +132,26 @@ def stream(dst, src, nbytes):
 
 
 @numba.njit(inline="always")
-def transpose8x8(width, src, src_stride, dst, dst_stride):
-    """``transpose8x8_16`` or ``_32`` by element size (2 or 4 bytes, a compile-time constant)."""
-    if width == 2:
-        transpose8x8_16(src, src_stride, dst, dst_stride)
-    else:
-        transpose8x8_32(src, src_stride, dst, dst_stride)
+def tile_rows(width, limit):
+    """Rows per tile for ``transpose``: 8m, m the widest of 4, 2, 1 with 8m dividing ``limit``.
 
+    Wider tiles pay for 2-byte elements only (4-byte ones already fill a 32-byte row).
+    """
+    if width == 2 and limit % 32 == 0:
+        return 32
+    if width == 2 and limit % 16 == 0:
+        return 16
+    return 8
+
+
+@numba.njit(inline="always")
+def transpose(width, rows, src, src_stride, dst, dst_stride):
+    """Transpose a ``rows`` x 8 tile of ``width``-byte elements (``rows`` from ``tile_rows``)."""
+    if width == 4:
+        _T32_1(src, src_stride, dst, dst_stride)
+    elif rows == 32:
+        _T16_4(src, src_stride, dst, dst_stride)
+    elif rows == 16:
+        _T16_2(src, src_stride, dst, dst_stride)
+    else:
+        _T16_1(src, src_stride, dst, dst_stride)
