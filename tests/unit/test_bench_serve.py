@@ -53,3 +53,55 @@ def test_report_has_every_row_and_a_plot_per_metric(tmp_path):
     for metric in ("ttft_ms_p50", "itl_ms_p50", "output_tok_per_s"):
         png = tmp_path / f"{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({metric}.png)" in report
+
+
+def test_the_vllm_pd_peer_sends_a_request_as_vllms_proxy_does():
+    """Prefill gets max_tokens 1 and do_remote_decode; decode streams with what prefill returned."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from hetserve.bench import peer
+
+    seen = []
+
+    async def prefill(request):
+        body = await request.json()
+        seen.append(("prefill", body))
+        return web.json_response({"choices": [{"text": "x"}], "kv_transfer_params": {"remote_block_ids": [3], "remote_engine_id": "p"}})
+
+    async def decode(request):
+        seen.append(("decode", await request.json()))
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for ids in ([5], [6, 7]):
+            await response.write(b"data: " + json.dumps({"choices": [{"text": "t", "token_ids": ids}]}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def run():
+        runners = []
+        addresses = []
+        for handler in (prefill, decode):
+            app = web.Application()
+            app.router.add_post("/v1/completions", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            addresses.append(f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await peer.request(session, *addresses, "bench", "a prompt", 3)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    timing = asyncio.run(run())
+    assert timing.tokens == 3
+    (_, first), (_, second) = seen
+    assert first["max_tokens"] == 1 and first["kv_transfer_params"] == {"do_remote_decode": True} and not first["stream"]
+    assert second["kv_transfer_params"] == {"remote_block_ids": [3], "remote_engine_id": "p"}
+    assert second["stream"] and second["max_tokens"] == 3 and second["prompt"] == first["prompt"] == "a prompt"

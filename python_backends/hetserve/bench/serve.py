@@ -10,7 +10,10 @@ others decode. Every system gets the same prompts and the engine settings of
 - ``llm``: the split (``llm`` and ``prefill``), over Triton gRPC streaming;
 - ``unified``: one engine in one Triton model (the A/B reference);
 - ``vllm-serve``: vLLM's own OpenAI server (``vllm serve``), streaming
-  ``/v1/completions``: a plain vLLM, no Triton.
+  ``/v1/completions``: a plain vLLM, no Triton;
+- ``vllm-pd``: vLLM's own disaggregated prefill/decode, two OpenAI servers
+  joined by NixlConnector with CPU KV buffers (``bench/peer.py``; its
+  environment, with ``nixl``, is built on first use).
 
 Each system first runs the whole load once unmeasured at the highest
 concurrency. TTFT is from sending a request to its first token, inter-token
@@ -20,8 +23,6 @@ object per system and concurrency), ``report.md`` and PNG plots into
 ``--out`` (default ``bench/results/<date>``), the servers' output into its
 ``logs/``. The client runs on the same machine as the servers.
 
-Not a peer here yet: vLLM's own disaggregated P/D (two ``vllm serve`` joined
-by NixlConnector), which needs ``nixl`` in an environment of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SYSTEMS = ("llm", "unified", "vllm-serve")
+SYSTEMS = ("llm", "unified", "vllm-serve", "vllm-pd")
 METRICS = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "output_tok_per_s")
 
 
@@ -116,13 +117,15 @@ async def triton_request(client, model: str, prompt: str, max_tokens: int) -> Ti
     return timing
 
 
-async def openai_request(session, url: str, model: str, prompt: str, max_tokens: int) -> Timing:
+async def openai_request(session, url: str, model: str, prompt: str, max_tokens: int,
+                         extra: dict | None = None, timing: Timing | None = None) -> Timing:
+    """One streamed completion; ``extra``: more fields of the body; ``timing``: one already started."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    timing = Timing(time.perf_counter())
+            "stream": True, "return_token_ids": True, **(extra or {})}
+    timing = timing or Timing(time.perf_counter())
     async with session.post(f"http://{url}/v1/completions", json=body) as response:
         if response.status != 200:
-            raise RuntimeError(f"vllm serve: HTTP {response.status}: {await response.text()}")
+            raise RuntimeError(f"{url}: HTTP {response.status}: {await response.text()}")
         async for line in response.content:
             n = sse_tokens(line)
             if n is not None:
@@ -166,15 +169,16 @@ async def closed_loop(send, prompts: list[str], concurrency: int, bar=None) -> t
 
 
 @contextmanager
-def vllm_serve(engine_args: dict, log: Path):
-    """vLLM's OpenAI server on a free loopback port, with ``engine_args``; yields its address."""
+def vllm_serve(engine_args: dict, log: Path, python: str | Path = sys.executable, extra: list[str] = (), env: dict | None = None):
+    """vLLM's OpenAI server on a free loopback port, with ``engine_args`` (and ``extra`` arguments,
+    ``env`` added to the environment); yields (its address, its process)."""
     import urllib.request
 
     from hetserve.bench.server import free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-uvicorn-access-log", "--no-enable-prefix-caching", "--served-model-name", "bench"]
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-uvicorn-access-log", "--no-enable-prefix-caching", "--served-model-name", "bench", *extra]
     for key, value in engine_args.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -182,7 +186,8 @@ def vllm_serve(engine_args: dict, log: Path):
         elif value is not False:
             command += [flag, str(value)]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -195,7 +200,7 @@ def vllm_serve(engine_args: dict, log: Path):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"vllm serve did not start in 600 s; see {log}") from None
                 time.sleep(1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", process
     finally:
         os.killpg(process.pid, 15)  # its own session: the server and its engine processes
         try:
@@ -221,16 +226,25 @@ def measure(system: str, args, prompts: list[str], engine_args: dict, out: Path)
                 timings, wall = await closed_loop(send, prompts, level, bar)
                 rows.append({"system": system, "model": args.checkpoint, "concurrency": level, **summarize(timings, wall)})
 
-    if system == "vllm-serve":
+    if system in ("vllm-serve", "vllm-pd"):
         import aiohttp
 
-        async def go(url: str) -> None:
+        from hetserve.bench import peer
+
+        async def go(*urls: str) -> None:
             limits = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=limits, timeout=aiohttp.ClientTimeout(total=None)) as session:
-                await run(lambda p: openai_request(session, url, "bench", p, args.max_tokens))
+                if len(urls) == 2:
+                    await run(lambda p: peer.request(session, *urls, "bench", p, args.max_tokens))
+                else:
+                    await run(lambda p: openai_request(session, urls[0], "bench", p, args.max_tokens))
 
-        with vllm_serve(engine_args, logs / "vllm-serve.log") as url:
-            asyncio.run(go(url))
+        if system == "vllm-pd":
+            with peer.started(engine_args, logs, vllm_serve) as (prefill, decode):
+                asyncio.run(go(prefill, decode))
+        else:
+            with vllm_serve(engine_args, logs / "vllm-serve.log") as (url, _):
+                asyncio.run(go(url))
     else:
         from tritonclient.grpc.aio import InferenceServerClient
 
