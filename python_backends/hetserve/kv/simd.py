@@ -1,4 +1,4 @@
-"""Numba intrinsics for moving KV bytes: 8x8 tile transposes and streaming copies.
+"""Numba intrinsics for moving KV bytes: tile transposes and streaming copies.
 
 Written as LLVM IR (``shufflevector``, ``!nontemporal`` stores, ``llvm.memcpy``)
 so that LLVM, not numba's loop vectorizer, picks the instructions: on x86 an 8x8
@@ -8,8 +8,12 @@ Addresses are plain int64s; callers keep the tensors they point into alive.
 
 Why streaming stores: a plain store first reads the destination line into the
 cache (read-for-ownership), so a copy moves 3 bytes over the memory bus per byte
-copied; a non-temporal store moves 2. That leaves room for the in-cache work of
-a transpose at the speed of a plain copy.
+copied; a non-temporal store moves 2. That saving pays for most of the in-cache
+work of a transpose.
+
+numba caches a compiled kernel keyed on the file that defines it
+(``cpu_attn.py``), not on this one: after changing this file, delete
+``hetserve/kv/__pycache__/*.nbi`` so the kernels are compiled again.
 """
 
 from __future__ import annotations
