@@ -22,7 +22,6 @@ counts as k gaps of its delay divided by k). Writes ``results.json`` (one
 object per system and concurrency), ``report.md`` and PNG plots into
 ``--out`` (default ``bench/results/<date>``), the servers' output into its
 ``logs/``. The client runs on the same machine as the servers.
-
 """
 
 from __future__ import annotations
