@@ -13,7 +13,7 @@ Three checks, one table, and the rows as JSON with ``--json``:
 2. **Device -> host into a registered shared-memory slot**: a Llama-3-8B-shaped
    KV (32 layers, 8 KV heads, head dim 128, bfloat16; 64 MiB at 512 tokens)
    from CUDA pages into a ``/dev/shm`` file mapped with ``torch.from_file`` and
-   registered with ``cudaHostRegister`` -- the slot prefill's worker writes.
+   registered with ``cudaHostRegister`` -- a slot of ``hetserve.kv.slots``, as prefill's worker writes.
    Whole (one device gather, one copy to host), and per layer on a side stream
    while matmuls (standing in for the next layers' compute) run on the default
    stream. Target: the whole 512-token KV in host memory in under 10 ms.
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_backends"))
 
 from hetserve.kv import flash, transfer  # noqa: E402  (torch only)
+from hetserve.kv.slots import SlotPool  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 # vllm/v1/kv_cache_layout.py (0.32): KVCacheLayout's stride orders of [L, B, H, N, C]
@@ -108,27 +109,25 @@ def check_converters(device: str, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
-class Slot:
-    """A /dev/shm file mapped as a tensor and, on a GPU, registered with CUDA (page-locked)."""
-
-    def __init__(self, nbytes: int, device: str):
-        self.path = Path("/dev/shm") / f"hetserve-gpu-check-{os.getpid()}"
-        self.path.write_bytes(b"")
-        os.truncate(self.path, nbytes)
-        self.data = torch.from_file(str(self.path), shared=True, size=nbytes, dtype=torch.uint8)
-        self.data.fill_(0)  # fault every page in now
-        self.registered = False
+@contextmanager
+def registered_slot(nbytes: int, device: str):
+    """A KV slot from the project's own pool (a /dev/shm file mapped with ``torch.from_file``),
+    registered with CUDA (page-locked) on a GPU; yields (slot, registered). Unregistered and unlinked after."""
+    pool = SlotPool("gpu-check")
+    slot = pool.acquire(nbytes)
+    registered = False
+    try:
+        slot.data.fill_(0)  # fault every page in now
         if device == "cuda":
-            err = torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), nbytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(slot.data.data_ptr(), slot.capacity, 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister failed: {err}")
-            self.registered = True
-
-    def close(self) -> None:
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
-        del self.data
-        self.path.unlink(missing_ok=True)
+            registered = True
+        yield slot, registered
+    finally:
+        if registered:
+            torch.cuda.cudart().cudaHostUnregister(slot.data.data_ptr())
+        pool.close()
 
 
 def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
@@ -139,10 +138,9 @@ def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
     cache = pages(STRIDE_ORDERS["LBNHC"], layers, needed + 2, heads, block_size, head_dim, device)
     kv_shape = (layers, 2, heads, tokens, head_dim)
     nbytes = layers * 2 * heads * tokens * head_dim * 2
-    slot = Slot(nbytes, device)
     rows = []
-    try:
-        host = slot.data.view(DTYPE).view(kv_shape)
+    with registered_slot(nbytes, device) as (slot, registered):
+        host = slot.kv(DTYPE, kv_shape)
         staging = torch.empty(kv_shape, dtype=DTYPE, device=device)
 
         def whole():
@@ -157,7 +155,7 @@ def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
         exact = torch.equal(host.view(torch.int16).cpu(), staging.cpu().view(torch.int16))
         rows.append({"check": "d2h", "mode": "whole", "tokens": tokens, "bytes": nbytes, "ms": round(whole_ms, 3),
                      "copy_only_ms": round(copy_ms, 3), "gbps": round(nbytes / whole_ms / 1e6, 2), "equal": exact,
-                     "registered": slot.registered, "under_10ms": whole_ms < 10.0})
+                     "registered": registered, "under_10ms": whole_ms < 10.0})
 
         # Per layer: layer i's copy overlaps the compute of the layers after it.
         n = 4096 if device == "cuda" else 256
@@ -190,9 +188,7 @@ def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
         hidden = (compute_ms + whole_ms - both_ms) / whole_ms if whole_ms else 0.0
         rows.append({"check": "d2h", "mode": "per_layer_side_stream", "tokens": tokens, "bytes": nbytes,
                      "ms": round(both_ms, 3), "compute_only_ms": round(compute_ms, 3),
-                     "copy_hidden_fraction": round(hidden, 3), "equal": exact, "registered": slot.registered})
-    finally:
-        slot.close()
+                     "copy_hidden_fraction": round(hidden, 3), "equal": exact, "registered": registered})
     return rows
 
 
