@@ -31,6 +31,22 @@ CONNECTOR_MODULE = "hetserve.kv.connector"
 FIRST_TOKEN_PROCESSOR = "hetserve.first_token:ForceFirstToken"
 
 
+def engine_env(value: str) -> dict[str, str]:
+    """config.pbtxt's ``engine_env``: environment variables for this model's engine processes.
+
+    A JSON object of strings, e.g. ``{"GOMP_SPINCOUNT": "20000"}`` (see the
+    README, "Tuning"); set in the stub before vLLM spawns EngineCore and its
+    workers, so that both read it at start-up.
+    """
+    try:
+        env = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"engine_env is not JSON: {exc}") from None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError(f'engine_env must be a JSON object of strings, e.g. {{"GOMP_SPINCOUNT": "20000"}}; got {value!r}')
+    return env
+
+
 def load_engine_args(path: Path) -> dict[str, Any]:
     """Engine arguments from a model's ``model.json`` (as Triton's vLLM backend)."""
     try:

@@ -318,6 +318,13 @@ def _set_parameters(config, model: str, options: ServeOptions) -> None:
                 transfer.check(str(value))
             except ValueError as exc:
                 raise ConfigError(f"{model}: {exc}") from None
+        if key == "engine_env":
+            from hetserve.engine import engine_env
+
+            try:
+                engine_env(str(value))
+            except ValueError as exc:
+                raise ConfigError(f"{model}: {exc}") from None
         config.parameters[key].string_value = str(value)
         logger.info("%s: %s = %s", model, key, value)
 

@@ -264,3 +264,19 @@ def test_metrics_port_counts_only_when_it_answers():
         assert serves_metrics("127.0.0.1", port)
         httpd.shutdown()
     assert not serves_metrics("127.0.0.1", port)  # nothing listens there now
+
+
+def test_engine_env_is_checked_before_start_and_reaches_the_config(tmp_path, model_path):
+    """engine_env must be a JSON object of strings; the repository's own value parses."""
+    from hetserve.engine import engine_env
+    from hetserve.launcher import ConfigError
+
+    for i, (bad, why) in enumerate((('{"GOMP_SPINCOUNT": 20000}', "JSON object of strings"), ("GOMP_SPINCOUNT=1", "not JSON"), ('["a"]', "JSON object"))):
+        options = ServeOptions(model=str(model_path), parameters={"llm": {"engine_env": bad}})
+        with pytest.raises(ConfigError, match=f"llm: engine_env .*{why}"):
+            prepare_repository(options, tmp_path / f"bad{i}", gpu=False)
+    prepare_repository(ServeOptions(model=str(model_path), parameters={"prefill": {"engine_env": '{"OMP_WAIT_POLICY": "PASSIVE"}'}}), tmp_path / "ok", gpu=False)
+    assert engine_env(config(tmp_path / "ok", "prefill").parameters["engine_env"].string_value) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    # the shipped default: the decode engines spin briefly (README "Tuning"); both A/B sides alike
+    shipped = {m: engine_env(config(ServeOptions().model_repository, m).parameters["engine_env"].string_value) for m in ("llm", "unified")}
+    assert shipped["llm"] == shipped["unified"] == {"GOMP_SPINCOUNT": "20000"}

@@ -19,6 +19,7 @@ import sys
 import time
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from hetserve import names
 from hetserve.admission import Admission, Overloaded
 from hetserve.cancel import CancelBoard, check_request_id
-from hetserve.engine import EngineLoop, load_engine_args, with_connector
+from hetserve.engine import EngineLoop, engine_env, load_engine_args, with_connector
 from hetserve.kv.format import TRITON_DTYPES
 from hetserve.kv.slots import SlotPool
 from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error, unavailable
@@ -82,7 +83,12 @@ class EngineModel:
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
         self.config = json.loads(args["model_config"])
         engine_args = with_connector(load_engine_args(model_json), self.kv_role, self.parameter("kv_save", "all"))
+        env = engine_env(self.parameter("engine_env", "{}"))
+        os.environ.update(env)  # this stub runs one model instance: its engine processes inherit it
         import vllm
+
+        if env:
+            logger.info("%s: engine environment %s", self.name, env)
 
         logger.info("%s: Python environment %s (vllm %s)", self.name, sys.prefix, vllm.__version__)
         logger.info("%s: starting vLLM with %s", self.name, engine_args)
