@@ -1,10 +1,16 @@
-"""``hetserve bench throughput``: streaming tokens/s through ``llm`` against offline vLLM.
+"""``hetserve bench throughput``: tokens/s through ``llm`` against offline vLLM.
 
-One run measures both on the same prompts and engine settings: offline vLLM
-(``LLM.generate``, in a subprocess, timed without its start-up) with the
-engine arguments of the repository's ``llm/1/model.json``, then N streams of
-greedy generation through ``llm`` over gRPC at a given concurrency (a server is
-started unless ``--url`` names one). Each side first runs the whole load once
+One run measures, at each concurrency of ``--concurrency`` (default 1, 8, 64
+and 256), offline vLLM (``LLM.generate``, in a subprocess, timed without its
+start-up) with the engine arguments of the repository's ``llm/1/model.json``
+on the same prompts, then greedy generation through ``llm``: streamed (gRPC,
+one response per delta) and not streamed (the HTTP generate endpoint, one
+response per request), with that many requests in flight (closed loop). A
+concurrency of c sends max(c, min(64, 4c)) prompts per pass, so that every
+stream runs several requests at the low levels. Offline vLLM takes the same
+prompts all at once and batches them as it likes (up to ``max_num_seqs``): it
+is the engine's own rate, the ceiling for a served path. A server is started
+unless ``--url`` names one. Each side first runs the whole load once
 unmeasured (first-time kernel set-up per shape costs a quarter of a cold
 pass), then ``--repeats`` measured passes; the median is reported, with each
 server process's CPU share over the measured passes (psutil CPU times of the
@@ -38,13 +44,22 @@ def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int, repeat
     return statistics.median(result["tokens"] / seconds for seconds in result["seconds"])
 
 
-def served_tok_s(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int, model: str = "llm") -> float:
-    from hetserve_client import stream_grpc
+def prompt_count(concurrency: int) -> int:
+    return max(concurrency, min(64, 4 * concurrency))
+
+
+def served_tok_s(
+    url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int, model: str = "llm", stream: bool = True
+) -> float:
+    """Median tokens/s over ``repeats`` passes; ``url`` is gRPC for streams, HTTP otherwise."""
+    from hetserve_client import generate_http, stream_grpc
 
     sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
     def one(prompt: str) -> int:
-        return sum(len(d.token_ids) for d in stream_grpc(grpc_url, prompt, sampling, model=model))
+        if stream:
+            return sum(len(d.token_ids) for d in stream_grpc(url, prompt, sampling, model=model))
+        return len(generate_http(url, prompt, sampling, model=model).token_ids)
 
     rates = []
     with ThreadPoolExecutor(concurrency) as pool:
@@ -93,18 +108,24 @@ def cpu_shares(root_pid: int, run) -> tuple[object, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetserve bench throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,8,64,256", help="comma-separated concurrencies")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="measured passes after one warm-up pass")
-    parser.add_argument("--url", help="gRPC address of a running server (default: start one)")
+    parser.add_argument("--no-stream", dest="modes", action="store_const", const=("stream",), default=("stream", "nonstream"),
+                        help="measure streamed generation only")
+    parser.add_argument("--url", help="HTTP,gRPC addresses of a running server (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: the launcher's pid, for CPU shares")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--unified", action="store_true", help="also the unified model (one engine, no split), on a server of its own")
+    parser.add_argument(
+        "--model-parameter", action="append", default=[], metavar="MODEL:KEY=VALUE",
+        help="a config.pbtxt parameter for the servers started here (as hetserve serve's), e.g. llm:engine_env={}",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
     from hetserve import names
+    from hetserve.cli import _model_parameter, _model_parameters
     from hetserve.launcher import ServeOptions, engine_settings
 
     # As the server runs llm's engine: model.json's settings plus the
@@ -112,42 +133,66 @@ def main(argv: list[str] | None = None) -> int:
     # this CPU, which the server does not).
     engine_args = engine_settings(ServeOptions(), names.Model.LLM)
     engine_args["enable_prefix_caching"] = False  # as llm's engine (distinct prompts: no effect)
-    prompts = make_prompts(args.prompts)
-    result = {"prompts": args.prompts, "concurrency": args.concurrency, "max_tokens": args.max_tokens}
-    if not args.skip_offline:
-        result["offline_tok_s"] = round(offline_tok_s(engine_args, prompts, args.max_tokens, args.repeats), 1)
-        print(f"offline vLLM: {result['offline_tok_s']} tok/s", flush=True)
+    parameters = _model_parameters([_model_parameter(p) for p in args.model_parameter])
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    rows = [{"concurrency": c, "prompts": prompt_count(c), "max_tokens": args.max_tokens} for c in levels]
+    for row in rows:
+        if not args.skip_offline:
+            row["offline_tok_s"] = round(offline_tok_s(engine_args, make_prompts(row["prompts"]), args.max_tokens, args.repeats), 1)
+            print(f"offline vLLM, {row['prompts']} prompts: {row['offline_tok_s']} tok/s", flush=True)
 
-    def load(url: str, model: str) -> float:
-        return served_tok_s(url, prompts, args.max_tokens, args.concurrency, args.repeats, model)
+    def measure(http_url: str, grpc_url: str, pid: int | None, model: str) -> None:
+        for row in rows:
+            prompts = make_prompts(row["prompts"])
+            for mode in args.modes:
+                url, stream = (grpc_url, True) if mode == "stream" else (http_url, False)
 
-    def measured(url: str, pid: int | None, model: str = "llm") -> tuple[float, dict]:
-        served_tok_s(url, prompts, args.max_tokens, args.concurrency, 1, model)  # warm-up pass
-        return cpu_shares(pid, lambda: load(url, model)) if pid else (load(url, model), {})
+                def load(passes: int) -> float:
+                    return served_tok_s(url, prompts, args.max_tokens, row["concurrency"], passes, model, stream)
+
+                load(1)  # warm-up pass
+                tok_s, shares = cpu_shares(pid, lambda: load(args.repeats)) if pid else (load(args.repeats), {})
+                row[f"{model}_{mode}_tok_s"] = round(tok_s, 1)
+                row[f"{model}_{mode}_cpu_percent"] = shares
+                if "offline_tok_s" in row:
+                    row[f"{model}_{mode}_ratio"] = round(tok_s / row["offline_tok_s"], 3)
+                print(f"{model} {mode} at concurrency {row['concurrency']}: {tok_s:.1f} tok/s {shares}", flush=True)
 
     if args.url:
-        tok_s, shares = measured(args.url, args.server_pid)
+        http_url, grpc_url = args.url.split(",")
+        measure(http_url, grpc_url, args.server_pid, "llm")
     else:
         from hetserve.bench.server import started
 
-        with started(None, {}) as (_, grpc_url, _, pid):
-            tok_s, shares = measured(grpc_url, pid)
-    result["llm_stream_tok_s"] = round(tok_s, 1)
-    result["cpu_percent"] = shares
-    if "offline_tok_s" in result:
-        result["ratio"] = round(tok_s / result["offline_tok_s"], 3)
+        with started(None, {}, parameters=parameters) as (http_url, grpc_url, _, pid):
+            measure(http_url, grpc_url, pid, "llm")
     if args.unified:
         from hetserve.bench.server import started
 
-        with started(None, {}, models=["unified"]) as (_, grpc_url, _, pid):
-            unified, unified_shares = measured(grpc_url, pid, "unified")
-        result["unified_stream_tok_s"] = round(unified, 1)
-        result["unified_cpu_percent"] = unified_shares
-        result["llm_over_unified"] = round(tok_s / unified, 3)
-    print(json.dumps(result, indent=1))
+        with started(None, {}, models=["unified"], parameters=parameters) as (http_url, grpc_url, _, pid):
+            measure(http_url, grpc_url, pid, "unified")
+    print(table(rows, args.modes, args.unified))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def table(rows: list[dict], modes: tuple[str, ...], unified: bool) -> str:
+    """The rows as a Markdown table: tok/s, and the ratio to offline vLLM where measured."""
+    columns = [(m, mode) for m in (("llm", "unified") if unified else ("llm",)) for mode in modes]
+    lines = [
+        "| concurrency | prompts | offline vLLM tok/s | " + " | ".join(f"`{m}` {mode} tok/s (÷ offline)" for m, mode in columns) + " |",
+        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for row in rows:
+        cells = []
+        for m, mode in columns:
+            value = row.get(f"{m}_{mode}_tok_s")
+            ratio = row.get(f"{m}_{mode}_ratio")
+            cells.append("–" if value is None else f"{value:,.0f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+        offline = row.get("offline_tok_s")
+        lines.append(f"| {row['concurrency']} | {row['prompts']} | {'–' if offline is None else f'{offline:,.0f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
