@@ -9,6 +9,7 @@ one unmeasured warm-up pass) and each prompt's generated token ids (greedy). Its
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,15 +17,21 @@ import time
 from pathlib import Path
 
 
-def run(engine_args: dict, max_tokens: int, repeats: int, prompts: list[str] | None = None, prompt_ids: list[list[int]] | None = None) -> dict:
-    """This module's ``main`` in a subprocess: its result.json as a dict."""
+def run(
+    engine_args: dict, max_tokens: int, repeats: int, prompts: list[str] | None = None,
+    prompt_ids: list[list[int]] | None = None, env: dict[str, str] | None = None,
+) -> dict:
+    """This module's ``main`` in a subprocess (``env`` over this process's environment): its result.json as a dict."""
     with tempfile.TemporaryDirectory() as tmp:
         request = Path(tmp) / "request.json"
         request.write_text(json.dumps({
             "engine_args": engine_args, "prompts": prompts, "prompt_ids": prompt_ids,
             "max_tokens": max_tokens, "repeats": repeats,
         }))
-        done = subprocess.run([sys.executable, "-m", "hetserve.bench.offline", str(request)], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "hetserve.bench.offline", str(request)], capture_output=True, text=True,
+            env={**os.environ, **(env or {})},
+        )
         if done.returncode != 0:
             raise RuntimeError(f"offline vLLM failed:\n{done.stderr[-3000:]}")
         return json.loads((Path(tmp) / "result.json").read_text())
