@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,64,256", help="comma-separated concurrencies")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="measured passes after one warm-up pass")
-    parser.add_argument("--no-stream", dest="modes", action="store_const", const=("stream",), default=("stream", "nonstream"),
+    parser.add_argument("--stream-only", dest="modes", action="store_const", const=("stream",), default=("stream", "nonstream"),
                         help="measure streamed generation only")
     parser.add_argument("--url", help="HTTP,gRPC addresses of a running server (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: the launcher's pid, for CPU shares")
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from hetserve import names
     from hetserve.cli import _model_parameter, _model_parameters
-    from hetserve.launcher import ServeOptions, engine_settings
+    from hetserve.engine import engine_env
+    from hetserve.launcher import ServeOptions, _parameter, engine_settings
 
     # As the server runs llm's engine: model.json's settings plus the
     # checkpoint's dtype (vLLM's "auto" runs a float32 checkpoint in bf16 on
@@ -149,13 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parameters = _model_parameters([_model_parameter(p) for p in args.model_parameter])
     levels = [int(c) for c in args.concurrency.split(",") if c]
     rows = [{"concurrency": c, "prompts": prompt_count(c), "max_tokens": args.max_tokens} for c in levels]
-    from hetserve.engine import engine_env
-    from hetserve.launcher import _parameter
-
-    served_env = engine_env(_parameter(ServeOptions().model_repository, "llm", "engine_env", "{}"))
-    for row in rows:
-        if args.skip_offline:
-            continue
+    served_env = engine_env(
+        parameters.get("llm", {}).get("engine_env") or _parameter(ServeOptions().model_repository, "llm", "engine_env", "{}")
+    )
+    for row in [] if args.skip_offline else rows:
         for variant, env in offline_variants(served_env).items():
             rate = offline_tok_s(engine_args, make_prompts(row["prompts"]), args.max_tokens, args.repeats, env)
             row[f"offline_{variant}_tok_s"] = round(rate, 1)
