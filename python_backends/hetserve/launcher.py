@@ -299,6 +299,18 @@ def _parameter(repo: Path, model: str, key: str, default: str) -> str:
     return config.parameters[key].string_value if key in config.parameters else default
 
 
+def _check_parameter(key: str, value: str) -> None:
+    """Raise ValueError for a parameter value the model would refuse at load time."""
+    if key == "kv_transfer_dtype":
+        from hetserve.kv import transfer
+
+        transfer.check(value)
+    elif key == "engine_env":
+        from hetserve.engine import engine_env
+
+        engine_env(value)
+
+
 def _set_parameters(config, model: str, options: ServeOptions) -> None:
     """The config.pbtxt parameters the command line overrides."""
     overrides = dict(options.parameters.get(model, {}))
@@ -311,20 +323,10 @@ def _set_parameters(config, model: str, options: ServeOptions) -> None:
         if key not in config.parameters:
             known = ", ".join(sorted(config.parameters))
             raise ConfigError(f"{model} has no parameter {key!r} (its parameters: {known})")
-        if key == "kv_transfer_dtype":
-            from hetserve.kv import transfer
-
-            try:
-                transfer.check(str(value))
-            except ValueError as exc:
-                raise ConfigError(f"{model}: {exc}") from None
-        if key == "engine_env":
-            from hetserve.engine import engine_env
-
-            try:
-                engine_env(str(value))
-            except ValueError as exc:
-                raise ConfigError(f"{model}: {exc}") from None
+        try:
+            _check_parameter(key, str(value))
+        except ValueError as exc:
+            raise ConfigError(f"{model}: {exc}") from None
         config.parameters[key].string_value = str(value)
         logger.info("%s: %s = %s", model, key, value)
 
