@@ -309,6 +309,10 @@ def _check_parameter(key: str, value: str) -> None:
         from hetserve.engine import engine_env
 
         engine_env(value)
+    elif key == "stream_interval":
+        from hetserve.streaming import StreamInterval
+
+        StreamInterval.parse(value)
 
 
 def _set_parameters(config, model: str, options: ServeOptions) -> None:

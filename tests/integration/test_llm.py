@@ -55,6 +55,18 @@ def test_grpc_stream_equals_single_engine(server, expected):
         assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
 
 
+def test_a_client_asked_stream_interval_coalesces_tokens_exactly(server, expected):
+    """vLLM's per-request stream_interval: the first token at once, then 8 tokens per response, same output."""
+    prompts, want = PROMPTS[:4], expected[:4]
+    for prompt, deltas, w in zip(prompts, stream_all(server, prompts, {**GREEDY, "stream_interval": 8}), want):
+        assert [t for d in deltas for t in d.token_ids] == w["token_ids"], prompt[:40]
+        assert "".join(d.text for d in deltas) == w["text"]
+        assert deltas[0].token_ids[:1] == w["token_ids"][:1]
+        # 1 + 39 tokens in responses of 8 (a busy engine may merge more): at most 1 + 5 responses.
+        assert 1 < len(deltas) <= 6, [len(d.token_ids) for d in deltas]
+        assert max(len(d.token_ids) for d in deltas) >= 8
+
+
 def test_http_non_streamed_equals_single_engine(server, expected):
     for prompt, want in zip(PROMPTS, expected):
         got = generate_http(server.http_url, prompt, GREEDY)

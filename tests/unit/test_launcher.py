@@ -280,3 +280,14 @@ def test_engine_env_is_checked_before_start_and_reaches_the_config(tmp_path, mod
     # the shipped default: every engine's idle OpenMP threads spin briefly (README "Tuning")
     shipped = {m: engine_env(config(ServeOptions().model_repository, m).parameters["engine_env"].string_value) for m in ("llm", "unified", "prefill")}
     assert shipped == {m: {"GOMP_SPINCOUNT": "20000"} for m in shipped}
+
+
+def test_stream_interval_is_checked_before_start_and_shipped_auto(tmp_path, model_path):
+    from hetserve.launcher import ConfigError
+
+    with pytest.raises(ConfigError, match="llm: stream_interval must be 'auto' or a whole number"):
+        prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"stream_interval": "0"}}), tmp_path / "bad", gpu=False)
+    prepare_repository(ServeOptions(model=str(model_path), parameters={"llm": {"stream_interval": "4"}}), tmp_path / "ok", gpu=False)
+    assert config(tmp_path / "ok", "llm").parameters["stream_interval"].string_value == "4"
+    shipped = {m: config(ServeOptions().model_repository, m).parameters["stream_interval"].string_value for m in ("llm", "unified")}
+    assert shipped == {"llm": "auto", "unified": "auto"}

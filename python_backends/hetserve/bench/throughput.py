@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -84,6 +85,8 @@ def served_tok_s(
 
 
 def _label(process, stubs: dict[int, str]) -> str:
+    if process.pid == os.getpid():
+        return "bench client"  # sends the load from the same cores
     cmd = process.cmdline()
     head = Path(cmd[0]).name if cmd else process.name()
     if head == "triton_python_backend_stub":
@@ -99,7 +102,7 @@ def cpu_shares(root_pid: int, run) -> tuple[object, dict[str, float]]:
     """Run ``run()``; return its result and each process's CPU % of the wall time."""
     import psutil
 
-    family = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    family = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True), psutil.Process()]
     stubs = {}
     for p in family:
         cmd = p.cmdline()

@@ -60,6 +60,7 @@ from hetserve.first_token import FIRST_TOKEN_KEY
 from hetserve.kv.slots import Field, Slot, now_ns
 from hetserve.logprobs import entries, logprob_of
 from hetserve.sampling import parse_json, to_sampling_params
+from hetserve.streaming import StreamInterval
 from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
 from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
@@ -184,6 +185,7 @@ class LLMModel(EngineModel):
         self.serving = ServingMetrics(self.name, args["model_version"])
         self.admission.on_change = lambda running, queued: self.serving.tier(self.name, running, queued)
         self.prefill_timeout_s = float(self.parameter("prefill_timeout_s", "60"))
+        self.streaming = StreamInterval.parse(self.parameter("stream_interval", "auto"))
         self.tiers = parse_tiers(
             self.parameter("prefill_model", names.Model.PREFILL.value), self.remote_min_tokens,
             lambda model: Admission(
@@ -316,6 +318,7 @@ class LLMModel(EngineModel):
         """
         engine = engine_params(params) if text is not None else params.clone()
         engine.output_kind = RequestOutputKind.DELTA
+        engine.stream_interval = self._stream_interval(out.req.stream, engine)
         extra = dict(engine.extra_args or {})
         if handoff is not None:
             extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens)
@@ -357,6 +360,18 @@ class LLMModel(EngineModel):
         finally:
             if handoff is not None and not handoff.loaded:
                 self._free(handoff, reuse=False)  # the worker may still read it
+
+    def _stream_interval(self, stream: bool, params: SamplingParams) -> int | None:
+        """Tokens per engine output for this request (vLLM's per-request ``stream_interval``).
+
+        Not streaming: the first output (it marks the KV loaded and the first
+        token's time) and the last, nothing between. Streaming: every token
+        while few streams run; under load, several tokens per response.
+        """
+        asked = params.stream_interval or 1
+        if not stream:
+            return max(asked, params.max_tokens or self.max_model_len)
+        return max(asked, self.streaming.interval(len(self._active)))
 
     def _free(self, handoff: Handoff, reuse: bool) -> None:
         """Done with a hand-off: its slot back to the pool (``reuse``) or unlinked, its admission freed."""
