@@ -4,11 +4,13 @@ Each streamed response costs CPU in the stub, in tritonserver (a gRPC
 message) and in the client, whatever it carries. Under many streams that
 per-response work competes with the decode engine for the same cores, so
 responses carrying one token each cost throughput. ``auto`` sends every
-token while few streams run (inter-token latency at low concurrency is what
-those clients see) and, as streams grow, several tokens per response, set
-per request when it starts through vLLM's own per-request
-``SamplingParams.stream_interval`` (the first token and the last response are
-always sent at once). An integer fixes the interval for every stream.
+token while few requests run (inter-token latency at low concurrency is what
+those clients see) and, as requests grow, several tokens per response: at
+each engine output ``llm`` sends what a stream holds once it holds as many
+tokens as the interval for the requests in flight at that moment (the first
+token and the last response always go at once). An integer fixes the
+interval for every stream; a client's own ``sampling_parameters.stream_interval``
+(vLLM's) can only raise it.
 """
 
 from __future__ import annotations

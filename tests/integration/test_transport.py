@@ -4,6 +4,8 @@ server with ``--kv-transport tensor`` and stops it when done.
 
 A second tensor-transport server compresses the KV in transit
 (``kv_transfer_dtype=int8``): it must move at most 30% of the float32 bytes.
+It also streams 4 tokens per response (``stream_interval=4``), which must
+change how tokens are grouped and nothing else.
 
 The first server runs with tight limits (``--model-parameter``), to check that
 admission control and the request deadline end requests with errors that name
@@ -16,10 +18,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import json
+
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from conftest import run_server
+from hetserve import names
+from triton_calls import infer_stream, strings
 from hetserve_client import generate_http, stream_grpc
 
 PROMPTS = ["model token " * 200, "cache " * 127, "Hello"]
@@ -37,7 +44,10 @@ def tensor_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_server(tmp_path_factory):
-    yield from run_server(tmp_path_factory, "--kv-transport", "tensor", "--model-parameter=llm:kv_transfer_dtype=int8")
+    yield from run_server(
+        tmp_path_factory, "--kv-transport", "tensor", "--model-parameter=llm:kv_transfer_dtype=int8",
+        "--model-parameter=llm:stream_interval=4",
+    )
 
 
 def test_tensor_transport_equals_single_engine(tensor_server, reference):
@@ -101,3 +111,26 @@ def test_int8_in_transit_moves_under_30_percent_of_float32(tensor_server, int8_s
     print(f"KV bytes moved: {moved}; int8/float32 {moved['int8'] / moved['float32']:.3f}; greedy tokens identical: {same}")
     assert 0 < moved["int8"] <= 0.30 * moved["float32"]
     assert moved["int8"] == pytest.approx(moved["float32"] * (0.25 + 1 / 64))  # int8 values + one float32 scale per 64
+
+
+def test_stream_interval_groups_tokens_and_changes_nothing_else(int8_server, reference):
+    """stream_interval=4: the first token at once, then 4 or more per response; ids, text, logprobs as one engine's."""
+    sampling = {"max_tokens": 23, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    prompts = ["Hello", "The quick brown fox jumps"]  # short: prefilled by llm itself, so exact under int8 transit
+    for prompt, want in zip(prompts, reference(prompts, sampling)):
+        responses = infer_stream(int8_server.grpc_url, "llm", {
+            names.TEXT_INPUT: strings(prompt),
+            names.STREAM: np.array([True]),
+            names.SAMPLING_PARAMETERS: strings(json.dumps(sampling)),
+            names.RETURN_LOGPROBS: np.array([True]),
+            names.RETURN_NUM_OUTPUT_TOKENS: np.array([True]),
+        })
+        sizes = [len(r[names.OUTPUT_IDS]) for r in responses]
+        # The first token goes at once (a busy engine may hand over two at once).
+        assert all(n >= 4 for n in sizes[1:-1]) and sizes[-1] >= 1 and len(sizes) <= 1 + 22 // 4 + 1, sizes
+        assert [int(t) for r in responses for t in r[names.OUTPUT_IDS]] == want["token_ids"], prompt
+        assert "".join(r[names.TEXT_OUTPUT][0].decode() for r in responses) == want["text"]
+        assert [int(r[names.NUM_OUTPUT_TOKENS][0]) for r in responses] == sizes
+        logprobs = [json.loads(r[names.LOGPROBS][0]) for r in responses]
+        assert [len(entries) for entries in logprobs] == sizes
+        assert all(str(t) in e for t, e in zip(want["token_ids"], (e for entries in logprobs for e in entries)))

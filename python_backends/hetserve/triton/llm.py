@@ -157,7 +157,7 @@ class _Sent:
 
 @dataclass(slots=True)
 class _Output:
-    """What the client has been sent, and (not streaming) what is kept for the end."""
+    """What the client has been sent, and what is kept for its next response (all of it, not streaming)."""
 
     req: LLMRequest
     num_input: int
@@ -169,6 +169,7 @@ class _Output:
     text: list[str] = field(default_factory=list)
     logprobs: list[dict] | None = None
     cumulative: float = 0.0
+    responses: int = 0  # streamed responses sent
 
 
 class LLMModel(EngineModel):
@@ -318,7 +319,8 @@ class LLMModel(EngineModel):
         """
         engine = engine_params(params) if text is not None else params.clone()
         engine.output_kind = RequestOutputKind.DELTA
-        engine.stream_interval = self._stream_interval(out.req.stream, engine)
+        if not out.req.stream:  # the first output (KV loaded, first token's time) and the last, nothing between
+            engine.stream_interval = max(engine.stream_interval or 1, engine.max_tokens or self.max_model_len)
         extra = dict(engine.extra_args or {})
         if handoff is not None:
             extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens)
@@ -360,18 +362,6 @@ class LLMModel(EngineModel):
         finally:
             if handoff is not None and not handoff.loaded:
                 self._free(handoff, reuse=False)  # the worker may still read it
-
-    def _stream_interval(self, stream: bool, params: SamplingParams) -> int | None:
-        """Tokens per engine output for this request (vLLM's per-request ``stream_interval``).
-
-        Not streaming: the first output (it marks the KV loaded and the first
-        token's time) and the last, nothing between. Streaming: every token
-        while few streams run; under load, several tokens per response.
-        """
-        asked = params.stream_interval or 1
-        if not stream:
-            return max(asked, params.max_tokens or self.max_model_len)
-        return max(asked, self.streaming.interval(len(self._active)))
 
     def _free(self, handoff: Handoff, reuse: bool) -> None:
         """Done with a hand-off: its slot back to the pool (``reuse``) or unlinked, its admission freed."""
@@ -649,7 +639,7 @@ class LLMModel(EngineModel):
         self, flow: Flow, out: _Output, ids: list[int], text: str, finish: str,
         logprobs: list[dict] | None = None, cumulative: float | None = None,
     ) -> None:
-        """Stream a delta, or keep it until the final response."""
+        """Send the tokens kept so far with this delta, or keep them for a later response."""
         if cumulative is not None:
             out.cumulative = cumulative
         if ids:
@@ -658,18 +648,23 @@ class LLMModel(EngineModel):
                 out.first_at = time.monotonic()
         if finish:
             self.serving.finished(out.num_input, out.sent, out.n, out.arrival, out.first_at, time.monotonic())
-        if out.req.stream:
-            flow.sender.send(self._response(out, ids, text, finish, logprobs), final=bool(finish))
-            return
         out.ids.extend(ids)
         out.text.append(text)
         if logprobs is not None:
             out.logprobs = [*(out.logprobs or []), *logprobs]
-        if finish:
-            full = "".join(out.text)
-            if out.req.prepend_input and out.req.text:
-                full = out.req.text + full
-            flow.sender.send(self._response(out, out.ids, full, finish, out.logprobs), final=True)
+        if not finish:
+            if not out.req.stream or not out.ids:
+                return
+            # The first token at once; then a response once the stream holds as
+            # many tokens as stream_interval asks under the current load.
+            if out.responses and len(out.ids) < self.streaming.interval(len(self._active)):
+                return
+        full = "".join(out.text)
+        if out.req.prepend_input and out.req.text:  # not streaming (llm_request refuses it with a stream)
+            full = out.req.text + full
+        flow.sender.send(self._response(out, out.ids, full, finish, out.logprobs), final=bool(finish))
+        out.responses += 1
+        out.ids, out.text, out.logprobs = [], [], None
 
     @staticmethod
     def _response(out: _Output, ids: list[int], text: str, finish: str, logprobs: list[dict] | None):
