@@ -23,3 +23,12 @@ def test_table_shows_each_measured_mode_with_its_ratio():
     assert lines[0].count("`llm`") == 2
     assert lines[2] == "| 64 | 64 | 7,200 | 2,909 (0.40) | 5,083 (0.71) |"
     assert lines[3] == "| 256 | 256 | – | 2,591 | – |"
+
+
+def test_offline_runs_at_the_served_concurrency():
+    from hetserve.bench.throughput import at_concurrency
+
+    args = {"max_num_seqs": 64, "dtype": "float32"}
+    assert at_concurrency(args, 1) == {"max_num_seqs": 1, "dtype": "float32"}
+    assert at_concurrency(args, 256)["max_num_seqs"] == 64  # never above the served engine's own limit
+    assert args["max_num_seqs"] == 64

@@ -8,7 +8,8 @@ one response per delta) and not streamed (the HTTP generate endpoint, one
 response per request), with that many requests in flight (closed loop). A
 concurrency of c sends max(c, min(64, 4c)) prompts per pass, so that every
 stream runs several requests at the low levels. Offline vLLM takes the same
-prompts all at once and batches them as it likes (up to ``max_num_seqs``),
+prompts all at once and runs at most c of them at a time (``max_num_seqs``
+lowered to c, the same concurrency as the served load),
 twice: with vLLM's defaults and as the server runs its engines (threads and
 ``engine_env``, see ``offline_variants``); the faster is the engine's own
 rate, the ceiling for a served path. A server is started
@@ -45,6 +46,11 @@ def make_prompts(count: int, seed: int = 0) -> list[str]:
 def offline_tok_s(engine_args: dict, prompts: list[str], max_tokens: int, repeats: int, env: dict | None = None) -> float:
     result = offline.run(engine_args, max_tokens, repeats, prompts=prompts, env=env)
     return statistics.median(result["tokens"] / seconds for seconds in result["seconds"])
+
+
+def at_concurrency(engine_args: dict, concurrency: int) -> dict:
+    """Engine arguments that run at most ``concurrency`` sequences at a time, as the served load does."""
+    return {**engine_args, "max_num_seqs": min(engine_args.get("max_num_seqs", concurrency), concurrency)}
 
 
 def offline_variants(served_env: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in [] if args.skip_offline else rows:
         for variant, env in offline_variants(served_env).items():
-            rate = offline_tok_s(engine_args, make_prompts(row["prompts"]), args.max_tokens, args.repeats, env)
+            rate = offline_tok_s(at_concurrency(engine_args, row["concurrency"]), make_prompts(row["prompts"]), args.max_tokens, args.repeats, env)
             row[f"offline_{variant}_tok_s"] = round(rate, 1)
             print(f"offline vLLM ({variant}), {row['prompts']} prompts: {rate:.1f} tok/s", flush=True)
         row["offline_tok_s"] = max(row["offline_default_tok_s"], row["offline_as_served_tok_s"])
