@@ -43,7 +43,7 @@ class StreamInterval:
         return cls(fixed)
 
     def interval(self, in_flight: int) -> int:
-        """Tokens per streamed response for a request that starts with ``in_flight`` requests in the model."""
+        """Tokens per streamed response while ``in_flight`` requests are in the model."""
         if self.fixed is not None:
             return self.fixed
         return min(MAX_AUTO, max(1, math.ceil(in_flight / STREAMS_PER_TOKEN)))
