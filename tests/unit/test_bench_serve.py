@@ -105,3 +105,16 @@ def test_the_vllm_pd_peer_sends_a_request_as_vllms_proxy_does():
     assert first["max_tokens"] == 1 and first["kv_transfer_params"] == {"do_remote_decode": True} and not first["stream"]
     assert second["kv_transfer_params"] == {"remote_block_ids": [3], "remote_engine_id": "p"}
     assert second["stream"] and second["max_tokens"] == 3 and second["prompt"] == first["prompt"] == "a prompt"
+
+
+def test_the_peers_side_channel_port_is_outside_the_ephemeral_range():
+    """Starting vLLM binds random ephemeral ports itself; the side channel's must not be one of them."""
+    import socket
+
+    from hetserve.bench.peer import side_channel_port
+
+    low, _high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    port = side_channel_port()
+    assert 1024 < port < low
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import site
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +74,23 @@ def _engine_processes(server_pid: int) -> list[int]:
     return [child.pid for child in psutil.Process(server_pid).children(recursive=True)]
 
 
+def side_channel_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999) for NixlConnector's side channel.
+
+    vLLM binds it only when its worker starts, minutes later; a port from the
+    ephemeral range could by then be taken by one of the random ports that
+    starting vLLM binds itself (torch.distributed, gloo): "Address already in use".
+    """
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767 for NixlConnector's side channel")
+
+
 @contextmanager
 def started(engine_args: dict, logs: Path, serve):
     """Prefill and decode instances; yields (prefill address, decode address).
@@ -79,8 +98,6 @@ def started(engine_args: dict, logs: Path, serve):
     ``serve(engine_args, log, python=, extra=, env=)`` starts one vLLM OpenAI
     server and yields (address, process), as ``bench.serve.vllm_serve`` does.
     """
-    from hetserve.bench.server import free_port
-
     python = environment()
     cores = sorted(os.sched_getaffinity(0))
     with ExitStack() as stack:
@@ -88,7 +105,7 @@ def started(engine_args: dict, logs: Path, serve):
         for role, core in (("producer", cores[0]), ("consumer", cores[-1])):
             config = {"kv_connector": "NixlConnector", "kv_role": f"kv_{role}", "kv_buffer_device": "cpu"}
             env = {
-                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port()),
                 "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                 "UCX_TLS": "shm,tcp",
                 "VLLM_CPU_OMP_THREADS_BIND": str(core),
