@@ -75,20 +75,24 @@ def _engine_processes(server_pid: int) -> list[int]:
 
 
 def side_channel_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999) for NixlConnector's side channel.
+    """A free port below Linux's ephemeral range for NixlConnector's side channel.
 
     vLLM binds it only when its worker starts, minutes later; a port from the
     ephemeral range could by then be taken by one of the random ports that
     starting vLLM binds itself (torch.distributed, gloo): "Address already in use".
     """
-    for port in random.sample(range(20000, 32768), 200):
+    from hetserve.bench.server import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(max(1025, low - 12000), low)
+    for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 20000-32767 for NixlConnector's side channel")
+    return free_port()  # no room below the range: an ephemeral one, as before
 
 
 @contextmanager
