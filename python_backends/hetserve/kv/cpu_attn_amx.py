@@ -1,0 +1,82 @@
+"""Converters between the interchange format and CPU_ATTN pages on vLLM's AMX kernel path.
+
+On x86 CPUs with AMX tiles, vLLM's CPU attention keeps bfloat16 KV (block
+sizes that are multiples of 32, head sizes that are multiples of 32) packed for
+AMX's bf16 dot products, which take pairs of values: the per-layer tensor is
+the same ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, each (block,
+head) page K then V, but inside a page
+
+* K is ``[block_size / 16, head_dim / 2, 16, 2]``: for each group of 16
+  tokens and each pair of dims, the 16 tokens' two values;
+* V is ``[head_dim / 16, block_size / 2, 16, 2]``: for each group of 16 dims
+  and each pair of tokens, the 16 dims of both tokens, interleaved.
+
+(Found by writing each (token, dim) with vLLM's own ``cpu_attn_reshape_and_cache``
+for the "amx" path and reading where it landed; ``cpu_attn.converter_for``
+checks it against that writer whenever an engine starts on such a CPU, and
+tests/unit/kv/test_cpu_attn_amx.py at every block size.)
+
+The copies are strided torch views, one ``copy_`` per run of consecutive
+blocks, layer and K/V half; a partial last block in whole groups (of 16
+tokens for K, of 2 for V) plus the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from hetserve.kv.paged import check, runs
+
+
+def _views(page: torch.Tensor, part: torch.Tensor, half: int, bs: int, tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of (page view, interchange view) over the same values, for ``tokens`` tokens.
+
+    ``page``: one half of n consecutive pages, [n, H, bs * D]; ``part``: their
+    tokens in the interchange layout, [H, tokens, D] (tokens dense).
+    """
+    n, heads, d = page.shape[0], page.shape[1], part.shape[-1]
+    if half == 0:  # K: [g = bs/16][d/2][16 tokens][2 dims], in token order [g][16][d/2][2]
+        group, pages = 16, page.view(n, heads, bs // 16, d // 2, 16, 2).permute(1, 0, 2, 4, 3, 5)
+        shape = (d // 2, 2)
+    else:  # V: [d/16][p = bs/2][16 dims][2 tokens], in token order [p][2][d/16][16]
+        group, pages = 2, page.view(n, heads, d // 16, bs // 2, 16, 2).permute(1, 0, 3, 5, 2, 4)
+        shape = (d // 16, 16)
+    full, rest = divmod(tokens, group)
+    if n > 1 or not rest:  # whole groups only: blocks of a run are full, or the prompt ends on a group
+        whole = full // n
+        yield pages[:, :, :whole], part[:, : n * whole * group].view(heads, n, whole, group, *shape)
+        return
+    if full:
+        yield pages[:, :, :full], part[:, : full * group].view(heads, 1, full, group, *shape)
+    yield pages[:, :, full, :rest], part[:, full * group : tokens].view(heads, 1, rest, *shape)
+
+
+def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
+    check(kv, layers, block_ids)
+    heads, d, bs = kv.shape[2], kv.shape[4], layers[0].shape[2]
+    if d % 16 or bs % 16:
+        raise ValueError(f"the AMX page layout needs head_dim and block size in multiples of 16, got {d} and {bs}")
+    for t0, b0, n, last in runs(block_ids, kv.shape[3], bs):
+        tokens = (n - 1) * bs + last
+        for i, layer in enumerate(layers):
+            halves = layer[b0 : b0 + n].view(n, heads, 2, bs * d)
+            for half in (0, 1):
+                for page_view, kv_view in _views(halves[:, :, half], kv[i, half, :, t0 : t0 + tokens], half, bs, tokens):
+                    page_view.copy_(kv_view) if to_pages else kv_view.copy_(page_view)
+
+
+def gather(layers: Sequence[torch.Tensor], block_ids: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+    """Copy the first ``out.shape[3]`` tokens held in ``block_ids`` into ``out`` ([L, 2, H, T, D])."""
+    _copy(out, layers, block_ids, to_pages=False)
+    return out
+
+
+def scatter(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
+    """Write every token of ``kv`` ([L, 2, H, T, D]) into the pages ``block_ids``."""
+    _copy(kv, layers, block_ids, to_pages=True)
+
+
+def warm_up(layers: Sequence[torch.Tensor]) -> None:
+    """Nothing to compile: torch copies only."""
