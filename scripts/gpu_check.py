@@ -14,6 +14,7 @@ Three checks, one table, and the rows as JSON with ``--json``:
    KV (32 layers, 8 KV heads, head dim 128, bfloat16; 64 MiB at 512 tokens)
    from CUDA pages into a ``/dev/shm`` file mapped with ``torch.from_file`` and
    registered with ``cudaHostRegister`` -- a slot of ``hetserve.kv.slots``, as prefill's worker writes.
+   Per layer through the connector's own ``DeviceSaver`` (``hetserve.kv.device_save``).
    Whole (one device gather, one copy to host), and per layer on a side stream
    while matmuls (standing in for the next layers' compute) run on the default
    stream. Target: the whole 512-token KV in host memory in under 10 ms.
@@ -39,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python_backends"))
 
 from hetserve.kv import flash, transfer  # noqa: E402  (torch only)
+from hetserve.kv.device_save import DeviceSaver  # noqa: E402
 from hetserve.kv.slots import SlotPool  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -160,7 +162,9 @@ def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
         # Per layer: layer i's copy overlaps the compute of the layers after it.
         n = 4096 if device == "cuda" else 256
         a = torch.randn(n, n, device=device, dtype=DTYPE)
-        side = torch.cuda.Stream() if device == "cuda" else None
+        # The connector's own saver (kv/device_save.py), as prefill's worker runs it with kv_save "layer".
+        saver = DeviceSaver(flash, torch.device(device))
+        host.zero_()
 
         def compute_only():
             for _ in range(layers):
@@ -169,18 +173,8 @@ def check_device_to_host(device: str, tokens: int, repeats: int) -> list[dict]:
         def per_layer():
             for i in range(layers):
                 a @ a  # "layer i"
-                if side is None:
-                    flash.gather(cache[i : i + 1], ids, staging[i : i + 1])
-                    host[i].copy_(staging[i])
-                    continue
-                done = torch.cuda.Event()
-                done.record()
-                with torch.cuda.stream(side):
-                    side.wait_event(done)
-                    flash.gather(cache[i : i + 1], ids, staging[i : i + 1])
-                    host[i].copy_(staging[i], non_blocking=True)
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
+                saver.save(cache[i : i + 1], ids, host[i : i + 1], None, transfer.AUTO)
+            saver.finish()
 
         compute_ms = timed(compute_only, repeats, device)
         both_ms = timed(per_layer, repeats, device)

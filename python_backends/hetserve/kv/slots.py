@@ -79,12 +79,14 @@ def header(flat: torch.Tensor) -> torch.Tensor:
     return flat[:HEADER_BYTES].view(torch.int64)
 
 
-def kv_view(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The KV of a mapped slot as a contiguous ``dtype`` tensor of ``shape``."""
+def kv_view(flat: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+    """A contiguous ``dtype`` tensor of ``shape`` in a mapped slot, ``offset`` bytes after the header
+    (the KV at 0; an encoded KV's scales after its payload: kv/transfer.py)."""
     nbytes = prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if HEADER_BYTES + nbytes > flat.numel():
-        raise SlotError(f"KV of shape {shape} ({nbytes} bytes) does not fit a {flat.numel()}-byte slot")
-    return flat[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
+    start = HEADER_BYTES + offset
+    if start + nbytes > flat.numel():
+        raise SlotError(f"KV of shape {shape} ({offset + nbytes} bytes) does not fit a {flat.numel()}-byte slot")
+    return flat[start : start + nbytes].view(dtype).view(shape)
 
 
 def now_ns() -> int:
@@ -288,24 +290,32 @@ class MappingCache:
     goes back to the system instead of staying pinned by this process.
     """
 
-    def __init__(self, capacity: int = 64, max_bytes: int = 4 << 30):
+    def __init__(self, capacity: int = 64, max_bytes: int = 4 << 30, on_drop=None):
         self._maps: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._capacity = capacity
         self._max_bytes = max_bytes
+        self._on_drop = on_drop  # called with a mapping before it is let go (e.g. to unregister it from CUDA)
+
+    def _drop(self, path: str) -> None:
+        flat = self._maps.pop(path)
+        if self._on_drop is not None:
+            self._on_drop(flat)
 
     def get(self, path: str, nbytes: int) -> torch.Tensor:
         flat = self._maps.get(path)
         if flat is None or flat.numel() < nbytes:
             self._drop_unlinked()
+            if path in self._maps:  # too small: mapped again, larger
+                self._drop(path)
             flat = map_file(path, nbytes)
             self._maps[path] = flat
             while len(self._maps) > 1 and (
                 len(self._maps) > self._capacity or sum(m.numel() for m in self._maps.values()) > self._max_bytes
             ):
-                self._maps.popitem(last=False)
+                self._drop(next(iter(self._maps)))
         self._maps.move_to_end(path)
         return flat
 
     def _drop_unlinked(self) -> None:
         for path in [p for p in self._maps if not os.path.exists(p)]:
-            del self._maps[path]
+            self._drop(path)
