@@ -5,15 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from hetserve.kv.slots import SlotRef
+from hetserve.kv.transfer import AUTO
 
 PARAMS_KEY = "hetserve"
 
 
-def save_params(ref: SlotRef) -> dict[str, Any]:
-    """Producer: write the prompt's KV into the slot ``ref``, then stamp its nonce."""
-    return {PARAMS_KEY: {"slot": ref.path, "capacity": ref.capacity, "nonce": ref.nonce}}
+def _params(ref: SlotRef, dtype: str, **more: Any) -> dict[str, Any]:
+    params = {"slot": ref.path, "capacity": ref.capacity, "nonce": ref.nonce, **more}
+    if dtype != AUTO:
+        params["dtype"] = dtype
+    return {PARAMS_KEY: params}
 
 
-def load_params(ref: SlotRef, num_tokens: int) -> dict[str, Any]:
-    """Consumer: the slot ``ref`` holds KV for the first ``num_tokens`` prompt tokens."""
-    return {PARAMS_KEY: {"slot": ref.path, "capacity": ref.capacity, "nonce": ref.nonce, "num_tokens": num_tokens}}
+def save_params(ref: SlotRef, dtype: str = AUTO) -> dict[str, Any]:
+    """Producer: write the prompt's KV into the slot ``ref`` (encoded in the transfer ``dtype``), then stamp its nonce."""
+    return _params(ref, dtype)
+
+
+def load_params(ref: SlotRef, num_tokens: int, dtype: str = AUTO) -> dict[str, Any]:
+    """Consumer: the slot ``ref`` holds KV for the first ``num_tokens`` prompt tokens (in ``dtype``)."""
+    return _params(ref, dtype, num_tokens=num_tokens)

@@ -6,6 +6,12 @@ Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim 128, bfloat16, block size
 in turn, ``--repeats`` rounds, and the medians are reported::
 
     .venv/bin/python -m hetserve.bench.converters --tokens 512 2048 --threads 1 2
+
+``--dtypes int8 fp8_e4m3`` also times the workers' coding for each transfer
+dtype: ``gather_encoded`` (encoding a few layers at a time as they are
+gathered) against a gather of the whole KV followed by ``encode`` over it (two
+passes, as the stub used to do), and ``scatter_decoded`` against ``decode_into``
+a whole buffer followed by a scatter.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from hetserve.kv import cpu_attn
+from hetserve.kv import cpu_attn, transfer
 
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -86,6 +92,38 @@ def measure(tokens: int, threads: int, order: str, repeats: int, torch_only: boo
     return row
 
 
+def measure_coding(tokens: int, name: str, repeats: int) -> dict:
+    """Fused (per layer group, in cache) against two-pass coding of one KV in ``name``."""
+    block_size = cpu_attn.BLOCK_SIZE
+    needed = -(-tokens // block_size)
+    layers = [_random(2 * needed + 1, HEADS, block_size, 2 * HEAD_DIM) for _ in range(LAYERS)]
+    for layer in layers:  # finite values: the coding computes on them
+        layer.copy_(torch.randn(layer.shape, dtype=torch.float32))
+    ids = torch.randperm(2 * needed + 1, generator=torch.Generator().manual_seed(tokens))[:needed].tolist()
+    shape = (LAYERS, 2, HEADS, tokens, HEAD_DIM)
+    whole = torch.empty(shape, dtype=DTYPE)
+    payload, scales = transfer.encode(torch.zeros(shape, dtype=DTYPE), name)
+
+    def two_pass_gather() -> None:
+        cpu_attn.gather(layers, ids, whole)
+        transfer.encode(whole, name)
+
+    def two_pass_scatter() -> None:
+        transfer.decode_into(payload, scales, name, whole)
+        cpu_attn.scatter(whole, layers, ids)
+
+    ms = _median_ms(
+        {
+            "gather then encode": two_pass_gather,
+            "gather_encoded": lambda: transfer.gather_encoded(cpu_attn, layers, ids, payload, scales, name),
+            "decode then scatter": two_pass_scatter,
+            "scatter_decoded": lambda: transfer.scatter_decoded(cpu_attn, payload, scales, name, layers, ids),
+        },
+        repeats,
+    )
+    return {"tokens": tokens, "dtype": name, "threads": torch.get_num_threads(), **{f"{k}_ms": v for k, v in ms.items()}}
+
+
 def _print_table(tokens: int, rows: list[dict]) -> None:
     mib = rows[0]["bytes"] / 2**20
     print(f"\n{tokens} tokens, {mib:.0f} MiB ({rows[0]['bytes']} bytes)")
@@ -106,8 +144,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--order", nargs="+", choices=["consecutive", "shuffled"], default=["consecutive", "shuffled"])
     parser.add_argument("--torch-only", action="store_true", help="also time the pure-torch fallback path")
+    parser.add_argument("--dtypes", nargs="*", default=[], help="also time the coding into these transfer dtypes")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
+    for name in args.dtypes:
+        transfer.check(name)
 
     rows = []
     for tokens in args.tokens:
@@ -118,6 +159,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     table.append(measure(tokens, threads, order, args.repeats, torch_only))
         _print_table(tokens, table)
         rows += table
+        for name in args.dtypes:
+            row = measure_coding(tokens, name, args.repeats)
+            print(
+                f"{name:>9}: gather then encode {row['gather then encode_ms']:7.2f} ms, gather_encoded "
+                f"{row['gather_encoded_ms']:7.2f} ms | decode then scatter {row['decode then scatter_ms']:7.2f} ms, "
+                f"scatter_decoded {row['scatter_decoded_ms']:7.2f} ms"
+            )
+            rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

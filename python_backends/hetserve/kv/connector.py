@@ -10,7 +10,10 @@ Contract (which side calls what):
     slot's header (the reader's proof that the KV is complete);
   - consumer (llm): ``{"slot": PATH, "capacity": N, "nonce": X,
     "num_tokens": T}``: the slot holds KV for the first T prompt tokens; put
-    it into the paged cache instead of computing it.
+    it into the paged cache instead of computing it;
+  - either may add ``"dtype": NAME``, a transfer dtype (kv/transfer.py): the
+    slot's KV is (to be) encoded in it; the worker encodes as it gathers and
+    decodes as it scatters. Without it, the model's dtype.
 * Scheduler side (EngineCore process): decides what to move and in which
   blocks; ``request_finished`` returns ``{"hetserve": {"num_tokens": T}}`` for
   a saved request, which reaches the caller as ``RequestOutput.kv_transfer_params``.
@@ -40,8 +43,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 
 from hetserve import setup_logging
-from hetserve.kv import cpu_attn, flash
-from hetserve.kv.slots import Field, MappingCache, SlotError, header, kv_view, now_ns, stamp, written_tokens
+from hetserve.kv import cpu_attn, flash, transfer
+from hetserve.kv.device_save import DeviceSaver
+from hetserve.kv.slots import Field, MappingCache, SlotError, header, now_ns, stamp, written_tokens
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,6 +78,7 @@ class TransferSpec:
     nonce: int
     num_tokens: int  # tokens the slot holds: fixes its [L, 2, H, T, D] layout
     count: int  # leading tokens to move
+    dtype: str = transfer.AUTO  # the slot's transfer dtype
     block_ids: list[int] = field(default_factory=list)
 
 
@@ -111,6 +116,7 @@ class HetserveConnector(KVConnectorBase_V1):
         self._by_layer: dict[str, list[int]] = {}
         self._told_layerwise = False
         self._maps = MappingCache()
+        self._device: DeviceSaver | None = None  # pages on a GPU: saves go through a side stream
         self._load_errors: set[int] = set()
 
     # ---------------------------------------------------------------- scheduler
@@ -119,7 +125,10 @@ class HetserveConnector(KVConnectorBase_V1):
         params = transfer_params(request)
         if self._producer and params and "slot" in params:
             n = request.num_prompt_tokens
-            spec = TransferSpec(request.request_id, params["slot"], int(params["capacity"]), int(params["nonce"]), n, n)
+            spec = TransferSpec(
+                request.request_id, params["slot"], int(params["capacity"]), int(params["nonce"]), n, n,
+                str(params.get("dtype", transfer.AUTO)),
+            )
             self._saving[request.request_id] = _Saving(spec)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -145,6 +154,7 @@ class HetserveConnector(KVConnectorBase_V1):
             int(params["nonce"]),
             int(params["num_tokens"]),
             num_external_tokens,
+            str(params.get("dtype", transfer.AUTO)),
         )
         self._loaded.add(request.request_id)
 
@@ -207,28 +217,37 @@ class HetserveConnector(KVConnectorBase_V1):
                 f"got {shape}"
             )
         path = ""
-        if self._pages is cpu_attn:
-            path = f", kernel path {cpu_attn.check_layout(self._layers[0].dtype, shape[2], shape[3] // 2)!r}"
+        if self._pages is cpu_attn:  # which of CPU_ATTN's page layouts: vLLM's kernel path decides
+            self._pages, isa = cpu_attn.converter_for(self._layers[0].dtype, shape[2], shape[3] // 2)
+            path = f", kernel path {isa!r}"
+        device = self._layers[0].device
+        if device.type == "cuda":
+            self._device = DeviceSaver(self._pages, device)
+            self._maps = MappingCache(on_drop=self._device.unregister)
+            path += ", saved through a side CUDA stream"
         logger.info("KV pages: %s, block size %d%s", backend, shape[2], path)
         self._pages.warm_up(self._layers)
 
-    def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's header and its KV's first ``spec.count`` tokens."""
+    def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The slot's header and its KV's first ``spec.count`` tokens: payload and scales (or None)."""
         layer = self._layers[0]
         shape = (len(self._layers), 2, layer.shape[1], spec.num_tokens, layer.shape[3] // 2)
         flat = self._maps.get(spec.path, spec.capacity)
-        return header(flat), kv_view(flat, layer.dtype, shape)[:, :, :, : spec.count]
+        if self._device is not None:
+            self._device.register(flat)
+        payload, scales = transfer.views(flat, spec.dtype, layer.dtype, shape)
+        return header(flat), payload[:, :, :, : spec.count], None if scales is None else scales[:, :, :, : spec.count]
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.loads:
             try:
-                head, kv = self._slot(spec)
+                head, payload, scales = self._slot(spec)
                 if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
                     raise SlotError(f"slot {spec.path} does not hold this request's KV")
                 head[Field.SCATTER_START_NS] = now_ns()
-                self._pages.scatter(kv, self._layers, spec.block_ids)
+                transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids)
                 head[Field.SCATTER_END_NS] = now_ns()
             except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
                 logger.warning("KV load for request %s failed: %s", spec.req_id, exc)
@@ -244,9 +263,10 @@ class HetserveConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """kv_save "layer": copy this layer out as soon as vLLM has run its attention.
 
-        (On a GPU the copy of layer i would overlap the compute of layer i + 1;
-        on the CPU it runs in between, on the same threads.) With kv_save "all"
-        every layer is copied at once in ``wait_for_save``.
+        On a GPU the copy of layer i is queued on a side stream and overlaps the
+        compute of the layers after it (kv/device_save.py); on the CPU it runs in
+        between, on the same threads. With kv_save "all" every layer is copied
+        at once in ``wait_for_save``.
         """
         if self._save_mode != SAVE_LAYER:
             return
@@ -257,9 +277,9 @@ class HetserveConnector(KVConnectorBase_V1):
             return
         for spec in meta.saves:
             try:
-                _, kv = self._slot(spec)
+                _, payload, scales = self._slot(spec)
                 start = now_ns()
-                self._pages.gather(self._layers[i : i + 1], spec.block_ids, kv[i : i + 1])
+                self._save(self._layers[i : i + 1], spec, payload[i : i + 1], None if scales is None else scales[i : i + 1])
                 done = self._by_layer.setdefault(spec.req_id, [0, 0])
                 done[0] += 1
                 done[1] += now_ns() - start
@@ -281,10 +301,12 @@ class HetserveConnector(KVConnectorBase_V1):
                 self._told_layerwise = True
                 logger.info("KV saved layer by layer (%d layers) as vLLM finished each", len(self._layers))
             try:
-                head, kv = self._slot(spec)
+                head, payload, scales = self._slot(spec)
                 start = now_ns()
                 if not by_layer:  # kv_save "all", or a layer-wise save that missed a layer
-                    self._pages.gather(self._layers, spec.block_ids, kv)
+                    self._save(self._layers, spec, payload, scales)
+                if self._device is not None:
+                    self._device.finish()  # the queued device->host copies are in the slot
                 end = now_ns()
                 # Layer by layer, the copies ran between the layers' compute: the
                 # gather interval is their total time, ending now (so the hand-off
@@ -295,6 +317,14 @@ class HetserveConnector(KVConnectorBase_V1):
             except Exception as exc:  # noqa: BLE001 - the caller finds the slot unstamped
                 logger.warning("KV save for request %s failed: %s", spec.req_id, exc)
         self._by_layer.clear()
+
+
+    def _save(self, layers: list[torch.Tensor], spec: TransferSpec, payload: torch.Tensor, scales) -> None:
+        """Copy (and encode) ``layers``' KV of ``spec`` into the slot views: on a GPU queued, else at once."""
+        if self._device is not None:
+            self._device.save(layers, spec.block_ids, payload, scales, spec.dtype)
+        else:
+            transfer.gather_encoded(self._pages, layers, spec.block_ids, payload, scales, spec.dtype)
 
 
 def converter(backend: str):

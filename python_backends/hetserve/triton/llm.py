@@ -130,6 +130,7 @@ class Handoff:
     gather_ns: tuple[int, int] | None
     ticket: Ticket | None = None  # the prefill tier's admission, held until the KV is read
     wire_bytes: int | None = None  # bytes that crossed Triton or the network, when compressed
+    transfer_dtype: str = transfer.AUTO  # how the slot holds the KV (the worker decodes it)
     tier: Tier | None = None
     loaded: bool = False
 
@@ -323,7 +324,7 @@ class LLMModel(EngineModel):
             engine.stream_interval = max(engine.stream_interval or 1, engine.max_tokens or self.max_model_len)
         extra = dict(engine.extra_args or {})
         if handoff is not None:
-            extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens)
+            extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens, handoff.transfer_dtype)
         if sent is not None:
             extra[FIRST_TOKEN_KEY] = sent.ids[0]
         engine.extra_args = extra or None
@@ -613,13 +614,19 @@ class LLMModel(EngineModel):
         self, kv: torch.Tensor, num_tokens: int, transport: Transport, gather,
         scales: torch.Tensor | None = None, transfer_dtype: str = transfer.AUTO,
     ) -> Handoff:
-        """Copy KV held by a Triton tensor into a slot (decoding a transfer dtype), off the event loop."""
-        dtype = self.fingerprint.torch_dtype
-        slot = self.slots.acquire(self.fingerprint.bytes_per_token * num_tokens)
+        """Copy KV held by a Triton tensor into a slot, off the event loop.
+
+        Encoded KV stays encoded: the engine's worker decodes it as it scatters it.
+        """
+        shape, dtype = tuple(kv.shape), self.fingerprint.torch_dtype
+        slot = self.slots.acquire(transfer.encoded_nbytes(transfer_dtype, dtype, shape))
         slot.lend()
 
         def copy() -> None:
-            transfer.decode_into(kv, scales, transfer_dtype, slot.kv(dtype, tuple(kv.shape)))
+            payload, slot_scales = transfer.views(slot.data, transfer_dtype, dtype, shape)
+            payload.copy_(kv)
+            if slot_scales is not None:
+                slot_scales.copy_(scales)
             slot.stamp_written(num_tokens)
 
         try:
@@ -628,7 +635,7 @@ class LLMModel(EngineModel):
         except BaseException:
             self.slots.discard(slot)
             raise
-        handoff = Handoff(slot, num_tokens, transport, gather or (start, now_ns()))
+        handoff = Handoff(slot, num_tokens, transport, gather or (start, now_ns()), transfer_dtype=transfer_dtype)
         if transfer_dtype != transfer.AUTO:
             handoff.wire_bytes = kv.numel() * kv.element_size() + (0 if scales is None else scales.numel() * 4)
         return handoff

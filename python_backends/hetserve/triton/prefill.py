@@ -14,12 +14,12 @@ when the sampling parameters ask for logprobs). Without it (tensor transport: an
 server, or a client that wants the KV), the KV goes into a slot of this
 model's own and is returned as the ``kv_cache`` tensor [L, 2, H, T, D], in
 the transfer dtype ``kv_dtype`` asks for (kv/transfer.py: the model's by
-default; int8 and fp8_e4m3 with ``kv_scales``).
+default; int8 and fp8_e4m3 with ``kv_scales``), encoded by the worker as it
+gathers the KV into the slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import triton_python_backend_utils as pb_utils
@@ -65,17 +65,19 @@ class PrefillModel(EngineModel):
         params.output_kind = RequestOutputKind.FINAL_ONLY
         # The first token's logprobs carry decoded tokens as a single engine's do.
         params.detokenize = params.logprobs is not None
-        kv_bytes = self.fingerprint.bytes_per_token * len(ids)
         transfer_dtype = transfer.check(input_str(request, names.KV_DTYPE_INPUT) or transfer.AUTO)
+        shape, model_dtype = self.fingerprint.kv_shape(len(ids)), self.fingerprint.torch_dtype
         lent = input_str(request, names.KV_SLOT)
         own: Slot | None = None
-        if lent:
+        if lent:  # (same host: never compressed)
             ref = SlotRef.from_json(lent)
             written = self._lent.get(ref.path, ref.capacity)
+            transfer_dtype = transfer.AUTO
         else:
-            own = self.slots.acquire(kv_bytes)
+            own = self.slots.acquire(transfer.encoded_nbytes(transfer_dtype, model_dtype, shape))
             ref, written = own.lend(), own.data
-        params.extra_args = {"kv_transfer_params": save_params(ref)}
+        # The worker encodes the KV into the transfer dtype as it gathers it.
+        params.extra_args = {"kv_transfer_params": save_params(ref, transfer_dtype)}
         engine_done = False
         try:
             flow.in_engine = True
@@ -99,17 +101,15 @@ class PrefillModel(EngineModel):
                     "num_tokens": len(ids),
                     "gather_start_ns": int(head[Field.GATHER_START_NS]),
                     "gather_end_ns": int(head[Field.GATHER_END_NS]),
-                    "transfer_dtype": transfer.AUTO if own is None else transfer_dtype,
+                    "transfer_dtype": transfer_dtype,
                 })),
             ]
             if own is None:
                 flow.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), final=True)
                 return
-            kv = own.kv(self.fingerprint.torch_dtype, self.fingerprint.kv_shape(len(ids)))
-            if transfer_dtype != transfer.AUTO:  # off the event loop: a pass over the KV
-                kv, scales = await asyncio.to_thread(transfer.encode, kv, transfer_dtype)
-                if scales is not None:
-                    outputs.append(pb_utils.Tensor.from_dlpack(names.KV_SCALES, scales))
+            kv, scales = transfer.views(own.data, transfer_dtype, model_dtype, shape)
+            if scales is not None:
+                outputs.append(pb_utils.Tensor.from_dlpack(names.KV_SCALES, scales))
             outputs.append(pb_utils.Tensor.from_dlpack(names.KV_CACHE, kv))
             # send() copies the KV into Triton's shared memory: own is free after it.
             await flow.sender.send_final_off_loop(pb_utils.InferenceResponse(output_tensors=outputs))
