@@ -62,3 +62,14 @@ def test_llm_speaks_the_vllm_backend_interface():
     inputs = declared(load(names.Model.LLM).input)
     for name in ("text_input", "stream", "sampling_parameters", "exclude_input_in_output"):
         assert name in inputs
+
+
+def test_vllm_loads_hetserves_plugin_in_every_engine_process():
+    """The AMX fix (hetserve/vllm_plugin.py) reaches vLLM's workers through its plugin entry point."""
+    from importlib.metadata import entry_points
+
+    from hetserve import vllm_plugin
+
+    plugins = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins["hetserve"].load() is vllm_plugin.register
+    vllm_plugin.register()  # harmless where there is no AMX; asks for the tile state where there is

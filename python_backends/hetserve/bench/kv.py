@@ -18,6 +18,13 @@ BLS reply, llm adding the decode request, decode's engine scheduling it).
 saves the KV (every layer at the end of the step, or each layer as vLLM
 finishes it; a server per way, one after the other in the same run) and adds
 the time to first token, streamed over gRPC, to each row.
+
+``--transfer-dtypes auto,int8,fp8_e4m3`` (with ``--transport tensor``: the
+``shm`` path never compresses) runs the series once per ``kv_transfer_dtype``,
+a server each. Such a row's ``dtype`` is the transfer dtype, ``bytes`` what
+crossed Triton (payload and scales), and ``gbps``, ``memcpy_gbps`` and
+``ratio`` are on the KV's size in the model's dtype: the KV delivered per
+second against a plain copy of that KV.
 """
 
 from __future__ import annotations
@@ -100,12 +107,13 @@ def handoff_ms(http_url: str, metrics_url: str, transport: str, prompt: str, grp
 
 
 def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, grpc_url: str | None = None,
-        kv_save: str = "all") -> list[dict]:
+        kv_save: str = "all", transfer_dtype: str = "auto") -> list[dict]:
     from tqdm import tqdm
 
     rows = []
     plan = [(n, args.runs_long if n >= 2048 else args.runs) for n in args.tokens]
-    with tqdm(total=sum(r for _, r in plan) + len(plan), desc=f"kv hand-off (kv_save {kv_save})", unit="req") as bar:
+    desc = f"kv hand-off (kv_save {kv_save}, {transfer_dtype})"
+    with tqdm(total=sum(r for _, r in plan) + len(plan), desc=desc, unit="req") as bar:
         for tokens, runs in plan:
             prompt = prompt_of(tokenizer, tokens)
             handoff_ms(http_url, metrics_url, args.transport, prompt, grpc_url)  # warm: slot files, mappings
@@ -115,18 +123,20 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
                 samples.append(handoff_ms(http_url, metrics_url, args.transport, prompt, grpc_url))
                 bar.update()
             nbytes = int(samples[0][3])
+            # The KV in the model's dtype: what a compressed hand-off delivers.
+            kv_bytes = nbytes if transfer_dtype == "auto" else kv_bytes_per_token(args) * tokens
             handoff = sorted(s[0] for s in samples)
             median = statistics.median(handoff)
-            copy = memcpy_ms(nbytes)
+            copy = memcpy_ms(kv_bytes)
             rows.append({
                 "tokens": tokens,
                 "kv_save": kv_save,
-                "dtype": args.dtype,
+                "dtype": args.dtype if transfer_dtype == "auto" else transfer_dtype,
                 "bytes": nbytes,
                 "ms_median": round(median, 3),
                 "ms_p90": round(handoff[min(len(handoff) - 1, int(0.9 * len(handoff)))], 3),
-                "gbps": round(nbytes / median / 1e6, 3),
-                "memcpy_gbps": round(nbytes / copy / 1e6, 3),
+                "gbps": round(kv_bytes / median / 1e6, 3),
+                "memcpy_gbps": round(kv_bytes / copy / 1e6, 3),
                 "ratio": round(copy / median, 3),
                 "ttft_ms_median": round(statistics.median(s[4] for s in samples), 3),
                 "_gather_ms": round(statistics.median(s[1] for s in samples), 3),
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-long", type=int, default=5, help="requests at >= 2,048 tokens (default 5)")
     parser.add_argument("--dtype", default="bfloat16", help="the engines' dtype (the KV travels in it)")
     parser.add_argument("--transport", choices=["shm", "tensor"], default="shm")
+    parser.add_argument("--transfer-dtypes", default="auto",
+                        help="kv_transfer_dtype(s), comma-separated, a server each (not auto: --transport tensor)")
     parser.add_argument("--model", default=BENCH_MODEL, help="checkpoint (default: built-in, Llama-3-8B-shaped KV)")
     parser.add_argument("--kv-save", default="all", help="how prefill saves the KV: all, layer, or all,layer (a server each)")
     parser.add_argument("--url", help="HTTP address of a running server (default: start one)")
@@ -162,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-url", help="its metrics address (with --url)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
+    from hetserve.kv import transfer
+
+    transfer_dtypes = [transfer.check(name.strip()) for name in args.transfer_dtypes.split(",")]
+    if args.transport == "shm" and transfer_dtypes != ["auto"]:
+        parser.error("--transfer-dtypes other than auto need --transport tensor (the shm path never compresses)")
+    if args.url and len(transfer_dtypes) > 1:
+        parser.error("with --url, one --transfer-dtypes: the running server's kv_transfer_dtype")
 
     from transformers import AutoTokenizer
 
@@ -169,16 +188,30 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     if args.url:
-        rows = run(args, args.url, args.metrics_url or args.url.rsplit(":", 1)[0] + ":8002", tokenizer, args.grpc_url, args.kv_save)
+        metrics_url = args.metrics_url or args.url.rsplit(":", 1)[0] + ":8002"
+        rows = run(args, args.url, metrics_url, tokenizer, args.grpc_url, args.kv_save, transfer_dtypes[0])
     else:
-        rows = [row for mode in args.kv_save.split(",") for row in _with_server(args, tokenizer, mode)]
+        rows = [
+            row for mode in args.kv_save.split(",") for name in transfer_dtypes
+            for row in _with_server(args, tokenizer, mode, name)
+        ]
     print_table(rows, args.transport)
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=1))
     return 0
 
 
-def _with_server(args: argparse.Namespace, tokenizer, kv_save: str) -> list[dict]:
+def kv_bytes_per_token(args: argparse.Namespace) -> int:
+    """Bytes of one token's KV in the engines' dtype, from the checkpoint's config."""
+    from transformers import AutoConfig
+
+    from hetserve.checkpoint import resolve_model
+    from hetserve.kv.format import ModelFingerprint
+
+    return ModelFingerprint.from_hf_config(AutoConfig.from_pretrained(resolve_model(args.model)), args.dtype).bytes_per_token
+
+
+def _with_server(args: argparse.Namespace, tokenizer, kv_save: str, transfer_dtype: str = "auto") -> list[dict]:
     from hetserve.bench.server import started
 
     longest = max(args.tokens) + 64
@@ -190,9 +223,9 @@ def _with_server(args: argparse.Namespace, tokenizer, kv_save: str) -> list[dict
         # Room for the longest prompt's KV (and a little more) in each engine.
         "kv_cache_memory_bytes": 3 * longest * 32 * 2 * 8 * 128 * 4,
     }
-    parameters = {"prefill": {"kv_save": kv_save}}
+    parameters = {"prefill": {"kv_save": kv_save}, "llm": {"kv_transfer_dtype": transfer_dtype}}
     with started(args.model, engine_args, kv_transport=args.transport, parameters=parameters) as (http_url, grpc_url, metrics_url, _):
-        return run(args, http_url, metrics_url, tokenizer, grpc_url, kv_save)
+        return run(args, http_url, metrics_url, tokenizer, grpc_url, kv_save, transfer_dtype)
 
 
 if __name__ == "__main__":
