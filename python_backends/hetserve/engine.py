@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +87,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
         self.engine = self.run(self._create(engine_args))
+        self.run(self._warm_up())
         config = self.engine.vllm_config.model_config
         self.max_model_len: int = config.max_model_len
         self.vocab_size: int = config.get_vocab_size()
@@ -118,6 +120,22 @@ class EngineLoop:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+
+    async def _warm_up(self) -> None:
+        """One token with logprobs, before any client's request.
+
+        vLLM computes logprob ranks with a ``torch.compile``'d kernel that its
+        CPU worker does not warm up: the first request asking for logprobs would
+        wait for the compiler (about 3 s here) and could run past its deadline.
+        Greedy: the engine's random state stays as it was.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        started = time.monotonic()
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=1)
+        async for _ in self.engine.generate(TokensPrompt(prompt_token_ids=[0]), params, "hetserve-warm-up"):
+            pass
+        logger.info("engine warmed up (logprobs kernel) in %.1f s", time.monotonic() - started)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the engine loop and wait for its result."""

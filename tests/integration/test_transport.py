@@ -79,7 +79,8 @@ def test_limits_end_every_request_with_an_error_naming_the_limit(tensor_server, 
     started = time.monotonic()
     with ThreadPoolExecutor(3) as pool:
         admitted = [pool.submit(one, i) for i in range(2)]
-        assert running.acquire(timeout=30) and running.acquire(timeout=30)  # both in flight
+        if not (running.acquire(timeout=30) and running.acquire(timeout=30)):  # both in flight
+            pytest.fail(f"not both in flight: {[f.result() for f in admitted]}\n{tensor_server.log_text()[-4000:]}")
         refused = one(2)
         outcomes = [f.result() for f in admitted]
     assert time.monotonic() - started < 40  # every request ended, none waited for its client's deadline
