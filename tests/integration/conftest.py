@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine_runner import run_engine
+from engine_runner import EngineProcess
 from hetserve import shm
 from hetserve_client import scrape_metrics, wait_ready
 
@@ -150,23 +150,33 @@ def stop(launcher: subprocess.Popen) -> list[str]:
     return leftovers
 
 
+REFERENCE_ENGINES = 2  # kept running at once (the least recently used one stops)
+
+
 @pytest.fixture(scope="session")
 def reference(engine_args, tmp_path_factory):
     """Outputs of one offline vLLM engine (no split) for given prompts and sampling.
 
     The engine arguments default to the session server's; pass others for a
-    server on another checkpoint.
+    server on another checkpoint. Engines stay up between calls (engine_runner.py).
     """
     cache: dict[tuple, list[dict]] = {}
+    engines: dict[str, EngineProcess] = {}  # by engine arguments, least recently used first
 
     def outputs(prompts: list[str], sampling: dict, args: dict | None = None) -> list[dict]:
         args = args or engine_args
-        key = (tuple(prompts), json.dumps(sampling, sort_keys=True), json.dumps(args, sort_keys=True, default=str))
+        engine_key = json.dumps(args, sort_keys=True, default=str)
+        key = (tuple(prompts), json.dumps(sampling, sort_keys=True), engine_key)
         if key not in cache:
-            cache[key] = run_engine(
-                {"engine_args": args, "requests": [{"prompt": p, "sampling": sampling} for p in prompts]},
-                tmp_path_factory.mktemp("reference"),
-            )
+            engine = engines.pop(engine_key, None)
+            if engine is None:
+                while len(engines) >= REFERENCE_ENGINES:
+                    engines.pop(next(iter(engines))).close()
+                engine = EngineProcess({"engine_args": args}, tmp_path_factory.mktemp("reference"))
+            engines[engine_key] = engine
+            cache[key] = engine.generate([{"prompt": p, "sampling": sampling} for p in prompts])
         return cache[key]
 
-    return outputs
+    yield outputs
+    for engine in engines.values():
+        engine.close()
