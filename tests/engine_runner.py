@@ -1,7 +1,7 @@
 """Offline vLLM engines in processes of their own: the tests' reference and probe.
 
 ``run_engine(request, workdir)`` runs one engine for one batch of requests and
-exits. ``EngineProcess(engine_args, workdir)`` keeps one running for many
+exits. ``EngineProcess(engine, workdir)`` keeps one running for many
 batches (the reference: starting vLLM takes longer than most batches); each
 batch meets the engine as a fresh one would, its prefix cache emptied first.
 
