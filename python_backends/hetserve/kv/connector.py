@@ -10,7 +10,8 @@ Contract (which side calls what):
     slot's header (the reader's proof that the KV is complete);
   - consumer (llm): ``{"slot": PATH, "capacity": N, "nonce": X,
     "num_tokens": T}``: the slot holds KV for the first T prompt tokens; put
-    it into the paged cache instead of computing it;
+    it into the paged cache instead of computing it (vLLM still computes the
+    prompt's last token: its KV from the slot is put back after that step);
   - either may add ``"dtype": NAME``, a transfer dtype (kv/transfer.py): the
     slot's KV is (to be) encoded in it; the worker encodes as it gathers and
     decodes as it scatters. Without it, the model's dtype.
@@ -118,6 +119,7 @@ class HetserveConnector(KVConnectorBase_V1):
         self._maps = MappingCache()
         self._device: DeviceSaver | None = None  # pages on a GPU: saves go through a side stream
         self._load_errors: set[int] = set()
+        self._recomputed: list[TransferSpec] = []  # loaded in this step, the slot holding more than was loaded
 
     # ---------------------------------------------------------------- scheduler
 
@@ -228,15 +230,16 @@ class HetserveConnector(KVConnectorBase_V1):
         logger.info("KV pages: %s, block size %d%s", backend, shape[2], path)
         self._pages.warm_up(self._layers)
 
-    def _slot(self, spec: TransferSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The slot's header and its KV's first ``spec.count`` tokens: payload and scales (or None)."""
+    def _slot(self, spec: TransferSpec, tokens: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The slot's header and its KV's ``tokens`` (the first ``spec.count``): payload and scales (or None)."""
         layer = self._layers[0]
         shape = (len(self._layers), 2, layer.shape[1], spec.num_tokens, layer.shape[3] // 2)
         flat = self._maps.get(spec.path, spec.capacity)
         if self._device is not None:
             self._device.register(flat)
         payload, scales = transfer.views(flat, spec.dtype, layer.dtype, shape)
-        return header(flat), payload[:, :, :, : spec.count], None if scales is None else scales[:, :, :, : spec.count]
+        tokens = tokens or slice(0, spec.count)
+        return header(flat), payload[:, :, :, tokens], None if scales is None else scales[:, :, :, tokens]
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -249,6 +252,8 @@ class HetserveConnector(KVConnectorBase_V1):
                 head[Field.SCATTER_START_NS] = now_ns()
                 transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids)
                 head[Field.SCATTER_END_NS] = now_ns()
+                if spec.num_tokens > spec.count:
+                    self._recomputed.append(spec)
             except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
                 logger.warning("KV load for request %s failed: %s", spec.req_id, exc)
                 self._load_errors.update(spec.block_ids)
@@ -286,7 +291,33 @@ class HetserveConnector(KVConnectorBase_V1):
             except Exception as exc:  # noqa: BLE001 - wait_for_save copies every layer again
                 logger.warning("KV save of layer %s for request %s failed: %s", layer_name, spec.req_id, exc)
 
+    def _restore_recomputed(self) -> None:
+        """Write the slot's KV back over the prompt tokens this step computed itself.
+
+        vLLM computes at least the prompt's last token (its logits give the
+        first generated token, which ForceFirstToken fixes to prefill's). That
+        token's K and V then come from a one-token pass over the loaded cache,
+        which vLLM's CPU kernels need not round as prefill's pass over the
+        whole prompt: with two OpenMP threads per engine, later logprobs then
+        differed from one engine's by up to 0.03 in bfloat16 (with one
+        thread, not at all; README, "Exactness"). Every later step reads
+        them, so after the forward pass prefill's values go back in and the
+        cache holds what one engine's prefill writes. The copy starts at that
+        token's block (converters write from a block's start): at most a
+        block of tokens per layer, on average half of one.
+        """
+        bs = self._layers[0].shape[2] if self._layers else 1
+        for spec in self._recomputed:
+            first = spec.count // bs  # the block of the first recomputed token
+            try:
+                _, payload, scales = self._slot(spec, slice(first * bs, spec.num_tokens))
+                transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids[first:])
+            except Exception as exc:  # noqa: BLE001 - the engine's own values stay: close, not exact
+                logger.warning("request %s: restoring the KV of its recomputed prompt tokens failed: %s", spec.req_id, exc)
+        self._recomputed.clear()
+
     def wait_for_save(self) -> None:
+        self._restore_recomputed()
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.saves:
