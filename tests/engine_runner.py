@@ -16,6 +16,7 @@ to the work directory's ``engine.log``.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -29,14 +30,15 @@ from typing import Any
 class EngineProcess:
     """One offline engine (``LLM``) in its own process, kept for many ``generate`` calls."""
 
-    def __init__(self, engine: dict[str, Any], workdir: Path, timeout: float = 600):
-        """``engine``: a request's ``engine_args``, ``kv_role`` and ``kv_save`` (no ``requests``)."""
+    def __init__(self, engine: dict[str, Any], workdir: Path, timeout: float = 600, env: dict[str, str] | None = None):
+        """``engine``: a request's ``engine_args``, ``kv_role`` and ``kv_save`` (no ``requests``);
+        ``env``: environment variables over this process's (e.g. the OpenMP team's size)."""
         self.log_path = workdir / "engine.log"
         ours, theirs = socket.socketpair()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, __file__, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=[theirs.fileno()], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )
         theirs.close()
         self._conn = Connection(ours.detach())

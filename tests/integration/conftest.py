@@ -158,21 +158,23 @@ def reference(engine_args, tmp_path_factory):
     """Outputs of one offline vLLM engine (no split) for given prompts and sampling.
 
     The engine arguments default to the session server's; pass others for a
-    server on another checkpoint. Engines stay up between calls (engine_runner.py).
+    server on another checkpoint, and ``env`` to run the engine with other
+    environment variables (the OpenMP team's size). Engines stay up between
+    calls (engine_runner.py).
     """
     cache: dict[tuple, list[dict]] = {}
     engines: dict[str, EngineProcess] = {}  # by engine arguments, least recently used first
 
-    def outputs(prompts: list[str], sampling: dict, args: dict | None = None) -> list[dict]:
+    def outputs(prompts: list[str], sampling: dict, args: dict | None = None, env: dict | None = None) -> list[dict]:
         args = args or engine_args
-        engine_key = json.dumps(args, sort_keys=True, default=str)
+        engine_key = json.dumps([args, env], sort_keys=True, default=str)
         key = (tuple(prompts), json.dumps(sampling, sort_keys=True), engine_key)
         if key not in cache:
             engine = engines.pop(engine_key, None)
             if engine is None:
                 while len(engines) >= REFERENCE_ENGINES:
                     engines.pop(next(iter(engines))).close()
-                engine = EngineProcess({"engine_args": args}, tmp_path_factory.mktemp("reference"))
+                engine = EngineProcess({"engine_args": args}, tmp_path_factory.mktemp("reference"), env=env)
             engines[engine_key] = engine
             cache[key] = engine.generate([{"prompt": p, "sampling": sampling} for p in prompts])
         return cache[key]

@@ -50,8 +50,8 @@ def served(request, tmp_path_factory):
     recipe = ARCHITECTURES[request.param]
     path = default_model_path(recipe)
     # Each in its checkpoint's own dtype. (vLLM's auto would serve the float32 ones in bfloat16
-    # on x86; on a CPU with AMX phi3's split output then diverged at token 19 on a repeated
-    # long prompt, where one engine was invariant to batching and chunking: see the README.)
+    # on x86, where vLLM's own greedy tokens can change with the batch and the OpenMP team:
+    # README, "Exactness". test_bit_exact.py compares bfloat16 bit for bit, one request at a time.)
     for server in run_server(tmp_path_factory, "--model", str(path), "--dtype", recipe.dtype):
         yield request.param, path, server
 
