@@ -10,7 +10,7 @@ def test_every_level_runs_several_requests_per_stream_at_low_concurrency():
 def test_offline_runs_with_vllms_defaults_and_as_the_server_runs_its_engines():
     variants = offline_variants({"GOMP_SPINCOUNT": "20000"})
     assert variants["default"] == {}
-    assert variants["as_served"] == {"GOMP_SPINCOUNT": "20000", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert variants["as_served"] == {"GOMP_SPINCOUNT": "20000", "VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}
 
 
 def test_table_shows_each_measured_mode_with_its_ratio():

@@ -57,11 +57,12 @@ def offline_variants(served_env: dict[str, str]) -> dict[str, dict[str, str]]:
     """The two ways offline vLLM runs here; the faster is the baseline.
 
     vLLM's defaults: its worker's OpenMP team leaves one core to the
-    EngineCore. As served: the served engines configure a KV connector, with
-    which vLLM reserves no core on a 2-core host, and run with llm's
-    ``engine_env``; offline gets the same with no core reserved.
+    EngineCore. As served: the served engines configure a KV connector, for
+    which vLLM reserves a second core (none at all on a 2-core host, where
+    two would leave the team none), and run with llm's ``engine_env``;
+    offline gets the same reservation.
     """
-    return {"default": {}, "as_served": {**served_env, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+    return {"default": {}, "as_served": {**served_env, "VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}}
 
 
 def prompt_count(concurrency: int) -> int:
