@@ -48,6 +48,23 @@ def engine_env(value: str) -> dict[str, str]:
     return env
 
 
+def eager_cpu_env(engine_args: dict[str, Any], env: dict[str, str], on_cpu: bool) -> dict[str, str]:
+    """``env`` with ``TORCH_COMPILE_DISABLE=1`` for an eager engine on the CPU, unless it sets that.
+
+    With ``enforce_eager`` vLLM compiles none of the model, but a helper stays
+    ``torch.compile``'d: the logprob ranks (``batched_count_greater_than``),
+    which the CPU worker never warms up. Each engine would compile it at its
+    warm-up (``EngineLoop._warm_up``): 3 to 18 s of start-up on two cores, and
+    the same again for an engine restarted by the supervisor. Eager, it takes
+    milliseconds and ranks the same (a count of greater logprobs). Not for a
+    compiled model (no ``enforce_eager``) nor on a GPU, where CUDA graphs go
+    through torch.compile.
+    """
+    if not on_cpu or not engine_args.get("enforce_eager") or "TORCH_COMPILE_DISABLE" in env:
+        return env
+    return {**env, "TORCH_COMPILE_DISABLE": "1"}
+
+
 def load_engine_args(path: Path) -> dict[str, Any]:
     """Engine arguments from a model's ``model.json`` (as Triton's vLLM backend)."""
     try:
@@ -127,7 +144,9 @@ class EngineLoop:
         vLLM computes logprob ranks with a ``torch.compile``'d kernel that its
         CPU worker does not warm up: the first request asking for logprobs would
         wait for the compiler (about 3 s here) and could run past its deadline.
-        Greedy: the engine's random state stays as it was.
+        (Eager engines on the CPU run it uncompiled, ``eager_cpu_env``: then
+        this takes milliseconds.) Greedy: the engine's random state stays as
+        it was.
         """
         from vllm import SamplingParams, TokensPrompt
 

@@ -30,7 +30,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from hetserve import names
 from hetserve.admission import Admission, Overloaded
 from hetserve.cancel import CancelBoard, check_request_id
-from hetserve.engine import EngineLoop, engine_env, load_engine_args, with_connector
+from hetserve.engine import EngineLoop, eager_cpu_env, engine_env, load_engine_args, with_connector
 from hetserve.kv.format import TRITON_DTYPES
 from hetserve.kv.slots import SlotPool
 from hetserve.triton.common import Responder, cancelled, input_str, invalid_arg, send_error, unavailable
@@ -83,9 +83,11 @@ class EngineModel:
         model_json = Path(args["model_repository"]) / args["model_version"] / "model.json"
         self.config = json.loads(args["model_config"])
         engine_args = with_connector(load_engine_args(model_json), self.kv_role, self.parameter("kv_save", "all"))
-        env = engine_env(self.parameter("engine_env", "{}"))
-        os.environ.update(env)  # this stub runs one model instance: its engine processes inherit it
         import vllm
+        from vllm.platforms import current_platform
+
+        env = eager_cpu_env(engine_args, engine_env(self.parameter("engine_env", "{}")), current_platform.is_cpu())
+        os.environ.update(env)  # this stub runs one model instance: its engine processes inherit it
 
         if env:
             logger.info("%s: engine environment %s", self.name, env)
