@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from conftest import run_server
 from hetserve import names
 from hetserve.checkpoint import TinyRecipe, default_model_path
 from hetserve.launcher import ServeOptions, engine_settings
-from triton_calls import infer_stream, strings
+from triton_calls import ask_llm
 
 # What vLLM reserves for one CPU worker with a KV connector: a core for the
 # EngineCore, one for a connector's thread (vllm/utils/ompmultiprocessing.py).
@@ -61,13 +60,7 @@ def test_logprobs_equal_one_engine_bit_for_bit(exact_server, reference, stream):
     before = remote_prefills(server)
     for prompt in PROMPTS:
         (want,) = reference([prompt], SAMPLING, args, env=SERVED_TEAM)  # alone, as served
-        responses = infer_stream(server.grpc_url, "llm", {
-            names.TEXT_INPUT: strings(prompt),
-            names.STREAM: np.array([stream]),
-            names.SAMPLING_PARAMETERS: strings(json.dumps(SAMPLING)),
-            names.RETURN_LOGPROBS: np.array([True]),
-            names.EXCLUDE_INPUT_IN_OUTPUT: np.array([True]),
-        })
+        responses = ask_llm(server.grpc_url, prompt, SAMPLING, stream, names.RETURN_LOGPROBS, names.EXCLUDE_INPUT_IN_OUTPUT)
         ids = [int(t) for r in responses for t in r[names.OUTPUT_IDS]]
         got = [entry for r in responses for entry in json.loads(r[names.LOGPROBS][0])]
         assert ids == want["token_ids"], prompt[:30]

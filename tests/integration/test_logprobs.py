@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hetserve import names
-from triton_calls import infer_stream, strings
+from triton_calls import ask_llm, infer_stream, strings
 
 PROMPTS = ["Hello", "The quick brown fox jumps", "model token cache " * 20, "prefill decode " * 70]
 SAMPLING = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 3}
@@ -26,15 +26,8 @@ TOLERANCE = 1e-3
 
 
 def ask(server, prompt: str, stream: bool) -> list[dict]:
-    inputs = {
-        names.TEXT_INPUT: strings(prompt),
-        names.STREAM: np.array([stream]),
-        names.SAMPLING_PARAMETERS: strings(json.dumps(SAMPLING)),
-        names.RETURN_LOGPROBS: np.array([True]),
-        names.RETURN_CUMULATIVE_LOGPROB: np.array([True]),
-        names.EXCLUDE_INPUT_IN_OUTPUT: np.array([True]),
-    }
-    return infer_stream(server.grpc_url, "llm", inputs)
+    flags = (names.RETURN_LOGPROBS, names.RETURN_CUMULATIVE_LOGPROB, names.EXCLUDE_INPUT_IN_OUTPUT)
+    return ask_llm(server.grpc_url, prompt, SAMPLING, stream, *flags)
 
 
 @pytest.mark.parametrize("stream", [True, False])

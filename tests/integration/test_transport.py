@@ -20,13 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import json
 
-import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from conftest import run_server
 from hetserve import names
-from triton_calls import infer_stream, strings
+from triton_calls import ask_llm
 from hetserve_client import generate_http, stream_grpc
 
 PROMPTS = ["model token " * 200, "cache " * 127, "Hello"]
@@ -119,13 +118,7 @@ def test_stream_interval_groups_tokens_and_changes_nothing_else(int8_server, ref
     sampling = {"max_tokens": 23, "temperature": 0, "ignore_eos": True, "logprobs": 2}
     prompts = ["Hello", "The quick brown fox jumps"]  # short: prefilled by llm itself, so exact under int8 transit
     for prompt, want in zip(prompts, reference(prompts, sampling)):
-        responses = infer_stream(int8_server.grpc_url, "llm", {
-            names.TEXT_INPUT: strings(prompt),
-            names.STREAM: np.array([True]),
-            names.SAMPLING_PARAMETERS: strings(json.dumps(sampling)),
-            names.RETURN_LOGPROBS: np.array([True]),
-            names.RETURN_NUM_OUTPUT_TOKENS: np.array([True]),
-        })
+        responses = ask_llm(int8_server.grpc_url, prompt, sampling, True, names.RETURN_LOGPROBS, names.RETURN_NUM_OUTPUT_TOKENS)
         sizes = [len(r[names.OUTPUT_IDS]) for r in responses]
         # The first token goes at once (a busy engine may hand over two at once).
         assert all(n >= 4 for n in sizes[1:-1]) and sizes[-1] >= 1 and len(sizes) <= 1 + 22 // 4 + 1, sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 
 import numpy as np
@@ -20,6 +21,13 @@ def _input(name: str, value: np.ndarray) -> grpcclient.InferInput:
 
 def strings(*values: str) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype=np.object_)
+
+
+def ask_llm(url: str, prompt: str, sampling: dict, stream: bool, *flags: str) -> list[dict[str, np.ndarray]]:
+    """Every response of ``llm`` to ``prompt``; ``flags``: BOOL inputs to set true (names.RETURN_LOGPROBS, ...)."""
+    inputs = {"text_input": strings(prompt), "stream": np.array([stream]), "sampling_parameters": strings(json.dumps(sampling))}
+    inputs.update({flag: np.array([True]) for flag in flags})
+    return infer_stream(url, "llm", inputs)
 
 
 def infer_stream(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float = 300) -> list[dict[str, np.ndarray]]:
