@@ -4,7 +4,8 @@ Why: the split must sample exactly like one engine. Prefill samples the first
 token; if the decode engine took that token as part of its prompt, its seeded
 generator would restart, penalties would not count it, and a grammar would
 not have consumed it. Instead the decode engine gets the *prompt* (KV loaded
-for all but its last token, which it recomputes) and generates from the first
+for all but its last token, which it recomputes; the connector then puts
+prefill's KV for that token back) and generates from the first
 token on, like a single engine, with this processor forcing that first step to
 prefill's token: every other logit is -inf, so greedy, seeded sampling and any
 grammar all pick it, and the sampler's random stream, penalty counts and
