@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hetserve import names
     from hetserve.cli import _model_parameter, _model_parameters
-    from hetserve.engine import engine_env
+    from vllm.platforms import current_platform
+
+    from hetserve.engine import eager_cpu_env, engine_env
     from hetserve.launcher import ServeOptions, _parameter, engine_settings
 
     # As the server runs llm's engine: model.json's settings plus the
@@ -160,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parameters = _model_parameters([_model_parameter(p) for p in args.model_parameter])
     levels = [int(c) for c in args.concurrency.split(",") if c]
     rows = [{"concurrency": c, "prompts": prompt_count(c), "max_tokens": args.max_tokens} for c in levels]
-    served_env = engine_env(
+    served_env = eager_cpu_env(engine_args, engine_env(
         parameters.get("llm", {}).get("engine_env") or _parameter(ServeOptions().model_repository, "llm", "engine_env", "{}")
-    )
+    ), current_platform.is_cpu())  # what llm's stub sets for its engine
     for row in [] if args.skip_offline else rows:
         for variant, env in offline_variants(served_env).items():
             rate = offline_tok_s(at_concurrency(engine_args, row["concurrency"]), make_prompts(row["prompts"]), args.max_tokens, args.repeats, env)
