@@ -30,6 +30,11 @@ SHUTDOWN_TIMEOUT_S = 30.0
 CONNECTOR = "HetserveConnector"
 CONNECTOR_MODULE = "hetserve.kv.connector"
 FIRST_TOKEN_PROCESSOR = "hetserve.first_token:ForceFirstToken"
+# The cores vLLM keeps outside the OpenMP team of one CPU worker with a KV
+# connector, as every served engine has one: a core for the EngineCore, one for
+# a connector's thread (vllm/utils/ompmultiprocessing.py; none on a 2-core
+# host). A plain engine keeps one: given this, it runs the served engines' team.
+SERVED_CPU_RESERVATION = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}
 
 
 def engine_env(value: str) -> dict[str, str]:

@@ -23,12 +23,10 @@ import pytest
 from conftest import run_server
 from hetserve import names
 from hetserve.checkpoint import TinyRecipe, default_model_path
+from hetserve.engine import SERVED_CPU_RESERVATION
 from hetserve.launcher import ServeOptions, engine_settings
 from triton_calls import ask_llm
 
-# What vLLM reserves for one CPU worker with a KV connector: a core for the
-# EngineCore, one for a connector's thread (vllm/utils/ompmultiprocessing.py).
-SERVED_TEAM = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}
 RECIPE = TinyRecipe(name="t-phi3", model_type="phi3", max_position_embeddings=1152, dtype="bfloat16",
                     hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)
@@ -59,7 +57,7 @@ def test_logprobs_equal_one_engine_bit_for_bit(exact_server, reference, stream):
     args = engine_settings(ServeOptions(model=str(path)), names.Model.LLM)
     before = remote_prefills(server)
     for prompt in PROMPTS:
-        (want,) = reference([prompt], SAMPLING, args, env=SERVED_TEAM)  # alone, as served
+        (want,) = reference([prompt], SAMPLING, args, env=SERVED_CPU_RESERVATION)  # alone, as served
         responses = ask_llm(server.grpc_url, prompt, SAMPLING, stream, names.RETURN_LOGPROBS, names.EXCLUDE_INPUT_IN_OUTPUT)
         ids = [int(t) for r in responses for t in r[names.OUTPUT_IDS]]
         got = [entry for r in responses for entry in json.loads(r[names.LOGPROBS][0])]

@@ -62,7 +62,9 @@ def offline_variants(served_env: dict[str, str]) -> dict[str, dict[str, str]]:
     two would leave the team none), and run with llm's ``engine_env``;
     offline gets the same reservation.
     """
-    return {"default": {}, "as_served": {**served_env, "VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}}
+    from hetserve.engine import SERVED_CPU_RESERVATION
+
+    return {"default": {}, "as_served": {**served_env, **SERVED_CPU_RESERVATION}}
 
 
 def prompt_count(concurrency: int) -> int:
