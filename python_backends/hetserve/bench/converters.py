@@ -1,11 +1,13 @@
 """Bandwidth of the CPU_ATTN converters against a plain ``copy_`` of the same bytes.
 
 Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim 128, bfloat16, block size
-128). For every token count, thread setting and block-id order, ``copy_``
+128), in both page layouts: ``cpu_attn`` (vLLM's "vec" kernel paths) and
+``cpu_attn_amx`` (its "amx" path, which vLLM takes for bfloat16 on CPUs with
+AMX tiles). For every layout, token count, thread setting and block-id order, ``copy_``
 (contiguous -> preallocated contiguous), ``gather`` and ``scatter`` are timed
 in turn, ``--repeats`` rounds, and the medians are reported::
 
-    .venv/bin/python -m hetserve.bench.converters --tokens 512 2048 --threads 1 2
+    .venv/bin/python -m hetserve.bench.converters --tokens 512 2048 --threads 1 2 --layouts cpu_attn_amx
 
 ``--dtypes int8 fp8_e4m3`` also times the workers' coding for each transfer
 dtype: ``gather_encoded`` (encoding a few layers at a time as they are
@@ -24,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from hetserve.kv import cpu_attn, transfer
+from hetserve.kv import cpu_attn, cpu_attn_amx, transfer
+
+LAYOUTS = {"cpu_attn": cpu_attn, "cpu_attn_amx": cpu_attn_amx}
 
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -47,7 +51,8 @@ def _median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-def measure(tokens: int, threads: int, order: str, repeats: int, torch_only: bool = False) -> dict:
+def measure(tokens: int, threads: int, order: str, repeats: int, torch_only: bool = False, layout: str = "cpu_attn") -> dict:
+    module = LAYOUTS[layout]
     block_size = cpu_attn.BLOCK_SIZE
     needed = -(-tokens // block_size)
     num_blocks = 2 * needed + 1
@@ -62,27 +67,27 @@ def measure(tokens: int, threads: int, order: str, repeats: int, torch_only: boo
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    saved = cpu_attn._kernel
+    saved = module._kernel
     if torch_only:
-        cpu_attn._kernel = lambda *_: None
+        module._kernel = lambda *_: None
     try:
-        cpu_attn.scatter(kv, layers, ids)
-        cpu_attn.gather(layers, ids, out)
+        module.scatter(kv, layers, ids)
+        module.gather(layers, ids, out)
         if not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
             raise AssertionError("gather(scatter(kv)) != kv")
         ms = _median_ms(
             {
                 "copy": lambda: dst.copy_(src),
-                "gather": lambda: cpu_attn.gather(layers, ids, out),
-                "scatter": lambda: cpu_attn.scatter(kv, layers, ids),
+                "gather": lambda: module.gather(layers, ids, out),
+                "scatter": lambda: module.scatter(kv, layers, ids),
             },
             repeats,
         )
     finally:
-        cpu_attn._kernel = saved
+        module._kernel = saved
         torch.set_num_threads(previous)
     nbytes = kv.numel() * kv.element_size()
-    row = {"tokens": tokens, "threads": threads, "order": order, "path": "torch" if torch_only else "auto"}
+    row = {"layout": layout, "tokens": tokens, "threads": threads, "order": order, "path": "torch" if torch_only else "auto"}
     row["bytes"] = nbytes
     for name, value in ms.items():
         row[f"{name}_ms"] = value
@@ -127,11 +132,11 @@ def measure_coding(tokens: int, name: str, repeats: int) -> dict:
 def _print_table(tokens: int, rows: list[dict]) -> None:
     mib = rows[0]["bytes"] / 2**20
     print(f"\n{tokens} tokens, {mib:.0f} MiB ({rows[0]['bytes']} bytes)")
-    head = f"{'path':>5} {'thr':>3} {'ids':>11} | {'copy ms':>8} {'GB/s':>6} | {'gather':>7} {'GB/s':>6} {'/copy':>5}"
+    head = f"{'layout':>12} {'path':>5} {'thr':>3} {'ids':>11} | {'copy ms':>8} {'GB/s':>6} | {'gather':>7} {'GB/s':>6} {'/copy':>5}"
     print(head + f" | {'scatter':>7} {'GB/s':>6} {'/copy':>5}")
     for r in rows:
         print(
-            f"{r['path']:>5} {r['threads']:>3} {r['order']:>11} | {r['copy_ms']:8.2f} {r['copy_gbps']:6.1f} | "
+            f"{r['layout']:>12} {r['path']:>5} {r['threads']:>3} {r['order']:>11} | {r['copy_ms']:8.2f} {r['copy_gbps']:6.1f} | "
             f"{r['gather_ms']:7.2f} {r['gather_gbps']:6.1f} {r['gather_vs_copy']:5.2f} | "
             f"{r['scatter_ms']:7.2f} {r['scatter_gbps']:6.1f} {r['scatter_vs_copy']:5.2f}"
         )
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--order", nargs="+", choices=["consecutive", "shuffled"], default=["consecutive", "shuffled"])
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--torch-only", action="store_true", help="also time the pure-torch fallback path")
     parser.add_argument("--dtypes", nargs="*", default=[], help="also time the coding into these transfer dtypes")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
@@ -153,10 +159,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for tokens in args.tokens:
         table = []
-        for threads in args.threads:
-            for torch_only in [False, True] if args.torch_only else [False]:
-                for order in args.order:
-                    table.append(measure(tokens, threads, order, args.repeats, torch_only))
+        for layout in args.layouts:
+            for threads in args.threads:
+                for torch_only in [False, True] if args.torch_only else [False]:
+                    for order in args.order:
+                        table.append(measure(tokens, threads, order, args.repeats, torch_only, layout))
         _print_table(tokens, table)
         rows += table
         for name in args.dtypes:

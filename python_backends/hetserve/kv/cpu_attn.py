@@ -127,9 +127,21 @@ def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
     kernel = _kernel(bs, width)
     if kernel is None:
         return False
+    run_layers(kernel, kv, layers, block_ids, to_pages)
+    return True
+
+
+def run_layers(kernel, kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
+    """Run a numba page kernel over every layer, split over ``torch.get_num_threads()`` threads.
+
+    ``kernel(kv_layer, half, head, pages, heads, d, ids, tokens, to_pages)``: the
+    addresses of one layer's interchange KV and of its contiguous pages, kv's
+    element strides between K and V and between heads, the block ids (int64).
+    """
     import numpy as np
 
-    ids = np.asarray(block_ids[: -(-kv.shape[3] // bs)], dtype=np.int64)
+    width, d = kv.element_size(), kv.shape[4]
+    ids = np.asarray(block_ids[: -(-kv.shape[3] // layers[0].shape[2])], dtype=np.int64)
     strides, base = kv.stride(), kv.data_ptr()  # (check() made kv's tokens dense; the kernel reads raw memory)
 
     def run(layer_indices: range) -> None:
@@ -144,7 +156,6 @@ def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
     run(shares[0])
     for future in futures:
         future.result()
-    return True
 
 
 def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> None:
@@ -167,10 +178,10 @@ def scatter(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequenc
     _copy(kv, layers, block_ids, to_pages=True)
 
 
-def warm_up(layers: Sequence[torch.Tensor]) -> None:
-    """Compile (or load) the kernel now, not in the first request's hand-off."""
+def warm_up(layers: Sequence[torch.Tensor], module: ModuleType | None = None) -> None:
+    """Compile (or load) ``module``'s kernel (this one's by default) now, not in the first request's hand-off."""
     _, heads, _, two_d = layers[0].shape
-    gather(layers, [0], torch.empty(len(layers), 2, heads, 1, two_d // 2, dtype=layers[0].dtype))
+    (module or sys.modules[__name__]).gather(layers, [0], torch.empty(len(layers), 2, heads, 1, two_d // 2, dtype=layers[0].dtype))
 
 
 def converter_for(dtype: torch.dtype, block_size: int, head_dim: int) -> tuple[ModuleType, str]:

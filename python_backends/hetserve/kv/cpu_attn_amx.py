@@ -16,18 +16,93 @@ for the "amx" path and reading where it landed; ``cpu_attn.converter_for``
 checks it against that writer whenever an engine starts on such a CPU, and
 tests/unit/kv/test_cpu_attn_amx.py at every block size.)
 
-The copies are strided torch views, one ``copy_`` per run of consecutive
-blocks, layer and K/V half; a partial last block in whole groups (of 16
-tokens for K, of 2 for V) plus the rest.
+A numba kernel (``simd``'s shuffles) moves one (block, head) page at a time
+through an L1/L2-resident buffer: K as 16x8 transposes of 4-byte pairs, V as
+two token rows zipped 16 values at a time, and the page (scatter) or the token
+rows (gather) written to memory with streaming stores, as ``cpu_attn``'s kernel
+does for the other layout. Without numba, the copies are strided torch views,
+one ``copy_`` per run of consecutive blocks, layer and K/V half; a partial last
+block in whole groups (of 16 tokens for K, of 2 for V) plus the rest.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from hetserve.kv import cpu_attn
 from hetserve.kv.paged import check, runs
+
+
+@functools.cache
+def _kernel(bs: int):
+    """The numba kernel for one layer of ``bs``-token blocks of 2-byte values, or None without numba.
+
+    Same arguments as ``cpu_attn``'s kernel (``cpu_attn.run_layers``). The
+    layout needs head_dim and ``bs`` in multiples of 16.
+    """
+    try:
+        import numba
+        import numpy as np
+
+        from hetserve.kv import simd
+    except ImportError:
+        return None
+
+    @numba.njit("void(int64, int64, int64, int64, int64, int64, int64[::1], int64, boolean)", nogil=True, cache=True)
+    def kernel(kv, half, head, pages, heads, d, ids, tokens, to_pages):
+        row = 2 * d  # bytes of one token's K (or V)
+        page_half = bs * row  # a page's K (or V)
+        group = 32 * d  # K's 16-token group: [d/2 pairs][16 tokens] of 4 bytes
+        line = 32 * bs  # V's step from one 16-dim group to the next: [bs/2 token pairs][64 bytes]
+        # Scatter builds a page (K, then V) in ``staged`` and streams it out whole; gather reads
+        # the page where it lies (faster than copying it in first) and builds its tokens' rows
+        # there (K [bs, d], then V [bs, d]), streamed out to kv.
+        staged = np.empty(2 * page_half, np.uint8)
+        b = staged.ctypes.data
+        blocks = ids.shape[0]
+        for q in range(blocks * heads):
+            h, j = (q // blocks, q % blocks) if to_pages else (q % heads, q // heads)
+            n = min(bs, tokens - j * bs)
+            k = kv + (h * head + j * bs * d) * 2  # this block's K rows [n, d]
+            v = k + half * 2
+            p = pages + (ids[j] * heads + h) * 2 * page_half
+            if to_pages:
+                a = b
+                if n < bs:  # a partial block: the slots past the prompt keep what they hold
+                    simd.copy(a, p, 2 * page_half)
+                full = n - n % 16
+                for t in range(0, full, 16):
+                    for c in range(0, d // 2, 8):
+                        simd.transpose_16x8_i32(k + t * row + 4 * c, row, a + (t // 16) * group + 64 * c, 64)
+                for t in range(full, n):
+                    for c in range(d // 2):
+                        simd.copy(a + (t // 16) * group + 64 * c + 4 * (t % 16), k + t * row + 4 * c, 4)
+                for t in range(0, n - 1, 2):
+                    for e in range(d // 16):
+                        simd.zip16(a + page_half + e * line + 32 * t, v + t * row + 32 * e, v + (t + 1) * row + 32 * e)
+                if n % 2:
+                    t = n - 1
+                    for x in range(d):
+                        simd.copy(a + page_half + (x // 16) * line + 32 * t + 4 * (x % 16), v + t * row + 2 * x, 2)
+                simd.stream(p, a, 2 * page_half)
+            else:
+                a = p
+                # Whole tiles, also past the prompt: rows of b past it are not copied out.
+                for t in range(0, n, 8):
+                    for c in range(0, d // 2, 8):
+                        simd.transpose_8x8_i32(a + (t // 16) * group + 64 * c + 4 * (t % 16), 64, b + t * row + 4 * c, row)
+                for t in range(0, n, 2):
+                    for e in range(d // 16):
+                        simd.unzip16(b + page_half + t * row + 32 * e, b + page_half + (t + 1) * row + 32 * e, a + page_half + e * line + 32 * t)
+                simd.stream(k, b, n * row)
+                simd.stream(v, b + page_half, n * row)
+        simd.fence()
+
+    return kernel
 
 
 def _views(page: torch.Tensor, part: torch.Tensor, half: int, bs: int, tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,6 +138,12 @@ def _copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[
         raise ValueError(f"the AMX page layout needs head_dim and block size in multiples of 16, got {d} and {bs}")
     if kv.element_size() != 2:
         raise ValueError(f"the AMX page layout packs 2-byte values in pairs, got {kv.dtype}")
+    if not kv.shape[3]:
+        return
+    kernel = _kernel(bs) if all(layer.is_contiguous() for layer in layers) else None
+    if kernel is not None:
+        cpu_attn.run_layers(kernel, kv, layers, block_ids, to_pages)
+        return
     for t0, b0, n, last in runs(block_ids, kv.shape[3], bs):
         tokens = (n - 1) * bs + last
         for i, layer in enumerate(layers):
@@ -84,4 +165,5 @@ def scatter(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequenc
 
 
 def warm_up(layers: Sequence[torch.Tensor]) -> None:
-    """Nothing to compile: torch copies only."""
+    """Compile (or load) the kernel now, not in the first request's hand-off."""
+    cpu_attn.warm_up(layers, sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""Numba intrinsics for moving KV bytes: tile transposes and streaming copies.
+"""Numba intrinsics for moving KV bytes: tile transposes, zips and streaming copies.
 
 Written as LLVM IR (``shufflevector``, ``!nontemporal`` stores, ``llvm.memcpy``)
 so that LLVM, not numba's loop vectorizer, picks the instructions: on x86 an 8x8
@@ -12,7 +12,7 @@ copied; a non-temporal store moves 2. That saving pays for most of the in-cache
 work of a transpose.
 
 numba caches a compiled kernel keyed on the file that defines it
-(``cpu_attn.py``), not on this one: after changing this file, delete
+(``cpu_attn.py``, ``cpu_attn_amx.py``), not on this one: after changing this file, delete
 ``hetserve/kv/__pycache__/*.nbi`` so the kernels are compiled again.
 """
 
@@ -81,6 +81,45 @@ def _transpose(width: int, m: int):
 
 
 _T16_1, _T16_2, _T16_4, _T32_1 = _transpose(2, 1), _transpose(2, 2), _transpose(2, 4), _transpose(4, 1)
+transpose_16x8_i32 = _transpose(4, 2)  # 16 rows of 8 four-byte elements -> 8 rows of 16 (64 bytes each)
+transpose_8x8_i32 = _T32_1
+
+
+_V16 = ir.VectorType(ir.IntType(16), 16)
+_V32 = ir.VectorType(ir.IntType(16), 32)
+
+
+def _mask(values: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, len(values)), values)
+
+
+@intrinsic
+def zip16(typingctx, dst, src0, src1):
+    """Interleave 16 two-byte values at ``src0`` with 16 at ``src1`` into 32 at ``dst`` (s0[0], s1[0], s0[1], ...)."""
+
+    def codegen(context, builder, signature, args):
+        d, s0, s1 = args
+        a, b = (builder.load(builder.inttoptr(s, _V16.as_pointer()), align=1) for s in (s0, s1))
+        zipped = builder.shuffle_vector(a, b, _mask([x for i in range(16) for x in (i, 16 + i)]))
+        builder.store(zipped, builder.inttoptr(d, _V32.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def unzip16(typingctx, dst0, dst1, src):
+    """The inverse of ``zip16``: the even two-byte values of the 32 at ``src`` to ``dst0``, the odd ones to ``dst1``."""
+
+    def codegen(context, builder, signature, args):
+        d0, d1, s = args
+        both = builder.load(builder.inttoptr(s, _V32.as_pointer()), align=1)
+        for d, first in ((d0, 0), (d1, 1)):
+            half = builder.shuffle_vector(both, both, _mask(list(range(first, 32, 2))))
+            builder.store(half, builder.inttoptr(d, _V16.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
 
 
 @intrinsic
@@ -159,3 +198,4 @@ def transpose(width, rows, src, src_stride, dst, dst_stride):
         _T16_2(src, src_stride, dst, dst_stride)
     else:
         _T16_1(src, src_stride, dst, dst_stride)
+

@@ -5,12 +5,27 @@ has AMX tiles, against the pages vLLM's own ``cpu_attn_reshape_and_cache``
 writes for its "amx" path, at every block size that path takes.
 """
 
+import importlib.util
+
 import pytest
 import torch
 
 from hetserve.kv import cpu_attn_amx
 
 H, D, BLOCKS = 2, 64, 16
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Each test runs through the numba kernel and through the torch fallback."""
+    if request.param == "kernel":
+        if importlib.util.find_spec("numba") is None:
+            pytest.skip("numba is not installed (the torch path runs in the other case)")
+        assert cpu_attn_amx._kernel(32) is not None
+    else:
+        monkeypatch.setattr(cpu_attn_amx, "_kernel", lambda *_: None)
+    return request.param
 
 
 def position(t: int, d: int, bs: int, half: int) -> int:
@@ -22,7 +37,7 @@ def position(t: int, d: int, bs: int, half: int) -> int:
 
 @pytest.mark.parametrize("bs", [32, 128])
 @pytest.mark.parametrize("num_tokens", [1, 2, 15, 17, 31, 32, 33, 100, 128, 129, 3 * 128 + 5])
-def test_scatter_places_each_value_where_the_layout_says(bs, num_tokens):
+def test_scatter_places_each_value_where_the_layout_says(bs, num_tokens, path):
     torch.manual_seed(num_tokens)
     kv = torch.randn(1, 2, H, num_tokens, D).bfloat16()
     ids = torch.randperm(BLOCKS)[: -(-num_tokens // bs)].tolist()
@@ -43,6 +58,37 @@ def test_scatter_places_each_value_where_the_layout_says(bs, num_tokens):
         assert page[0, position(t, 0, bs, 0)] == -7.0 and page[1, position(t, 0, bs, 1)] == -7.0
 
 
+def random_bits(*shape):
+    return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16).view(torch.bfloat16)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("num_tokens", [1, 16, 47, 64, 65, 3 * 64 + 33])
+def test_kernel_matches_the_torch_path_byte_for_byte(num_tokens, threads, monkeypatch):
+    """Every bit pattern (NaNs included), 3 layers split over threads, stale slots kept."""
+    bs, layers_n = 64, 3
+    torch.manual_seed(num_tokens)
+    kv = random_bits(layers_n, 2, H, num_tokens, D)
+    ids = torch.randperm(BLOCKS)[: -(-num_tokens // bs)].tolist()
+    layers = [random_bits(BLOCKS, H, bs, 2 * D) for _ in range(layers_n)]
+    expected = [layer.clone() for layer in layers]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_attn_amx.scatter(kv, layers, ids)
+        out = random_bits(*kv.shape)
+        cpu_attn_amx.gather(layers, ids, out)
+    finally:
+        torch.set_num_threads(previous)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_attn_amx, "_kernel", lambda *_: None)
+        cpu_attn_amx.scatter(kv, expected, ids)
+    for got, want in zip(layers, expected):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(out.view(torch.int16), kv.view(torch.int16))
+
+
 def test_head_dims_amx_cannot_split_are_refused():
     with pytest.raises(ValueError, match="multiples of 16"):
         cpu_attn_amx.scatter(torch.zeros(1, 2, H, 5, 24).bfloat16(), [torch.zeros(BLOCKS, H, 32, 48).bfloat16()], [0])
@@ -50,7 +96,7 @@ def test_head_dims_amx_cannot_split_are_refused():
 
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="needs a CPU with AMX tiles (vLLM's amx path); the definition test above runs everywhere")
 @pytest.mark.parametrize("bs", [32, 64, 128, 256])
-def test_vllms_amx_pages_convert_both_ways(bs):
+def test_vllms_amx_pages_convert_both_ways(bs, path):
     from vllm import _custom_ops as ops
 
     from hetserve.kv import cpu_attn
