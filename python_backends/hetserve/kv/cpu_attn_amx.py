@@ -71,9 +71,8 @@ def _kernel(bs: int):
             v = k + half * 2
             p = pages + (ids[j] * heads + h) * 2 * page_half
             if to_pages:
-                a = b
-                if n < bs:  # a partial block: the slots past the prompt keep what they hold
-                    simd.copy(a, p, 2 * page_half)
+                # A partial block is written where it lies: the slots past the prompt keep what they hold.
+                a = b if n == bs else p
                 full = n - n % 16
                 for t in range(0, full, 16):
                     for c in range(0, d // 2, 8):
@@ -88,7 +87,8 @@ def _kernel(bs: int):
                     t = n - 1
                     for x in range(d):
                         simd.copy(a + page_half + (x // 16) * line + 32 * t + 4 * (x % 16), v + t * row + 2 * x, 2)
-                simd.stream(p, a, 2 * page_half)
+                if n == bs:
+                    simd.stream(p, a, 2 * page_half)
             else:
                 a = p
                 # Whole tiles, also past the prompt: rows of b past it are not copied out.
