@@ -46,23 +46,20 @@ def _kernel(bs: int):
     """
     try:
         import numba
-        import numpy as np
 
         from hetserve.kv import simd
     except ImportError:
         return None
 
-    @numba.njit("void(int64, int64, int64, int64, int64, int64, int64[::1], int64, boolean)", nogil=True, cache=True)
-    def kernel(kv, half, head, pages, heads, d, ids, tokens, to_pages):
+    @numba.njit("void(int64, int64, int64, int64, int64, int64, int64[::1], int64, boolean, int64)", nogil=True, cache=True)
+    def kernel(kv, half, head, pages, heads, d, ids, tokens, to_pages, b):
         row = 2 * d  # bytes of one token's K (or V)
         page_half = bs * row  # a page's K (or V)
         group = 32 * d  # K's 16-token group: [d/2 pairs][16 tokens] of 4 bytes
         line = 32 * bs  # V's step from one 16-dim group to the next: [bs/2 token pairs][64 bytes]
-        # Scatter builds a page (K, then V) in ``staged`` and streams it out whole; gather reads
+        # Scatter builds a page (K, then V) in the staging buffer b and streams it out whole; gather reads
         # the page where it lies (faster than copying it in first) and builds its tokens' rows
-        # there (K [bs, d], then V [bs, d]), streamed out to kv.
-        staged = np.empty(2 * page_half, np.uint8)
-        b = staged.ctypes.data
+        # in b (K [bs, d], then V [bs, d]), streamed out to kv.
         blocks = ids.shape[0]
         for q in range(blocks * heads):
             h, j = (q // blocks, q % blocks) if to_pages else (q % heads, q // heads)
