@@ -29,6 +29,8 @@ and measured 2x slower than the torch path, so it is not used.
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -124,15 +126,50 @@ def _staging(nbytes: int) -> int:
     doing so serialize on the process's memory map (a gather of 512 tokens on
     two threads ran at 0.63-0.74x of ``copy_`` that way, 0.94-1.04x this way).
     """
+    import numpy as np
+
     buffer = getattr(_local, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes + 64:
-        _local.buffer = buffer = torch.zeros(nbytes + 64, dtype=torch.uint8)  # zeros: faulted in now
-    return buffer.data_ptr() + (-buffer.data_ptr()) % 64
+    if buffer is None or buffer.size < nbytes + 64:
+        # numpy, not torch: a torch op on a pool thread would start an OpenMP team there, and
+        # vLLM's GOMP_CPU_AFFINITY would pin this thread to the team's first core.
+        _local.buffer = buffer = np.full(nbytes + 64, 0, np.uint8)  # written now: its pages are faulted in
+    return buffer.ctypes.data + (-buffer.ctypes.data) % 64
+
+
+def _team_cores() -> list[int]:
+    """The cores of this process's pinned threads other than the calling thread's, or [] if it is not pinned.
+
+    vLLM's CPU worker pins each thread of its OpenMP team to one core, its main
+    thread included, and a thread started afterwards inherits its parent's one
+    core: the pool's threads would all share the main thread's core and the
+    kernel would run at one thread's speed inside the engine (as it did).
+    """
+    if not hasattr(os, "sched_getaffinity"):  # (Linux has it)
+        return []
+    mine = os.sched_getaffinity(0)
+    if len(mine) != 1:
+        return []
+    cores: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            cpus = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread has ended
+            continue
+        if len(cpus) == 1:
+            cores |= cpus
+    return sorted(cores - mine)
 
 
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="cpu_attn")
+    """``threads`` threads, each on one of the team's other cores where the caller is pinned (``_team_cores``)."""
+    cores, started = _team_cores(), itertools.count()
+
+    def place() -> None:
+        if cores:
+            os.sched_setaffinity(0, {cores[next(started) % len(cores)]})
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="cpu_attn", initializer=place)
 
 
 def _numba_copy(kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int], to_pages: bool) -> bool:

@@ -1,6 +1,8 @@
 """Interchange <-> CPU_ATTN paged cache, checked against a per-token definition."""
 
 import importlib.util
+import os
+import threading
 
 import pytest
 import torch
@@ -302,3 +304,32 @@ def test_converter_for_refuses_pages_laid_out_otherwise(monkeypatch):
     monkeypatch.setattr(ops, "cpu_attn_reshape_and_cache", untransposed)
     with pytest.raises(ValueError, match="lays out its KV pages differently"):
         cpu_attn.converter_for(torch.float32, 32, 64)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin two threads apart")
+def test_pool_threads_join_the_pinned_teams_other_cores():
+    """As in vLLM's CPU worker: the caller pinned to one core, a team thread to another."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    pinned, done, seen = threading.Event(), threading.Event(), {}
+
+    def team_thread():
+        os.sched_setaffinity(0, {second})
+        pinned.set()
+        done.wait()
+
+    def caller():
+        seen["unpinned"] = cpu_attn._team_cores()
+        os.sched_setaffinity(0, {first})
+        pinned.wait()
+        seen["cores"] = cpu_attn._team_cores()
+        pool = cpu_attn._pool.__wrapped__(1)  # a fresh pool, not the cached one
+        seen["pool"] = pool.submit(os.sched_getaffinity, 0).result()
+        pool.shutdown()
+
+    threads = [threading.Thread(target=team_thread), threading.Thread(target=caller)]
+    for t in threads:
+        t.start()
+    threads[1].join()
+    done.set()
+    threads[0].join()
+    assert seen == {"unpinned": [], "cores": [second], "pool": {second}}
