@@ -197,9 +197,10 @@ def run_layers(kernel, kv: torch.Tensor, layers: Sequence[torch.Tensor], block_i
     width, d = kv.element_size(), kv.shape[4]
     ids = np.asarray(block_ids[: -(-kv.shape[3] // layers[0].shape[2])], dtype=np.int64)
     strides, base = kv.stride(), kv.data_ptr()  # (check() made kv's tokens dense; the kernel reads raw memory)
+    page_bytes = layers[0][0, 0].nbytes  # (no torch op runs on a pool thread: see _staging)
 
     def run(layer_indices: range) -> None:
-        staging = _staging(layers[0][0, 0].nbytes)
+        staging = _staging(page_bytes)
         for i in layer_indices:
             layer = layers[i]
             kernel(base + i * strides[0] * width, strides[1], strides[2], layer.data_ptr(), layer.shape[1], d, ids, kv.shape[3], to_pages, staging)
