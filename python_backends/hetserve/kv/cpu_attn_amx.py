@@ -87,14 +87,13 @@ def _kernel(bs: int):
                 if n == bs:
                     simd.stream(p, a, 2 * page_half)
             else:
-                a = p
                 # Whole tiles, also past the prompt: rows of b past it are not copied out.
                 for t in range(0, n, 8):
                     for c in range(0, d // 2, 8):
-                        simd.transpose_8x8_i32(a + (t // 16) * group + 64 * c + 4 * (t % 16), 64, b + t * row + 4 * c, row)
+                        simd.transpose_8x8_i32(p + (t // 16) * group + 64 * c + 4 * (t % 16), 64, b + t * row + 4 * c, row)
                 for t in range(0, n, 2):
                     for e in range(d // 16):
-                        simd.unzip16(b + page_half + t * row + 32 * e, b + page_half + (t + 1) * row + 32 * e, a + page_half + e * line + 32 * t)
+                        simd.unzip16(b + page_half + t * row + 32 * e, b + page_half + (t + 1) * row + 32 * e, p + page_half + e * line + 32 * t)
                 simd.stream(k, b, n * row)
                 simd.stream(v, b + page_half, n * row)
         simd.fence()
