@@ -101,6 +101,10 @@ def with_connector(args: dict[str, Any], role: str, save: str = "all") -> dict[s
     return args
 
 
+def _already_shut_down(timeout: float | None = None) -> None:
+    """AsyncLLM.shutdown, once EngineLoop.shutdown has run it."""
+
+
 class EngineLoop:
     """An AsyncLLM and the event loop thread it runs on."""
 
@@ -179,5 +183,10 @@ class EngineLoop:
         try:
             self.run(stop(), timeout=SHUTDOWN_TIMEOUT_S + 30)
         finally:
+            # AsyncLLM.__del__ shuts down again; the stub's pending tasks keep
+            # the engine alive until interpreter teardown, when vLLM's module
+            # globals are already None and that second shutdown printed a
+            # TypeError traceback at every stop. Done once is enough.
+            self.engine.shutdown = _already_shut_down
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)

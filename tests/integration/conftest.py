@@ -123,6 +123,12 @@ def run_server(tmp_path_factory, *args: str):
         leftovers = stop(launcher)
         if leftovers:
             pytest.fail(f"the server left /dev/shm files behind: {leftovers}")
+        if TEARDOWN_TRACEBACK in server.log_text():
+            pytest.fail(f"a stub printed a traceback at exit ({TEARDOWN_TRACEBACK}...)")
+
+
+# vLLM's AsyncLLM shutting down a second time at interpreter teardown (engine.py).
+TEARDOWN_TRACEBACK = "Exception ignored in: <function AsyncLLM.__del__"
 
 
 def stop(launcher: subprocess.Popen) -> list[str]:
