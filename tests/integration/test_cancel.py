@@ -12,6 +12,7 @@ import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -38,7 +39,13 @@ def wait_for(server, pattern: str, timeout: float = 30.0) -> re.Match:
     raise AssertionError(f"no log line matching {pattern!r}")
 
 
-def stream_then_cancel(url: str, prompt: str, after_responses: int, after_s: float) -> int:
+@dataclass
+class Streamed:
+    responses: int  # callbacks before the cancel (errors included)
+    ended: bool  # the final response came first: there was nothing left to cancel
+
+
+def stream_then_cancel(url: str, prompt: str, after_responses: int, after_s: float) -> Streamed:
     """Stream a long generation; cancel it after some responses or some time."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
@@ -52,18 +59,19 @@ def stream_then_cancel(url: str, prompt: str, after_responses: int, after_s: flo
         item = grpcclient.InferInput(name, [1], dtype)
         item.set_data_from_numpy(value)
         inputs.append(item)
-    client.async_stream_infer("llm", inputs)
-    seen = 0
+    client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
+    seen, ended = 0, False
     deadline = time.monotonic() + after_s
-    while seen < after_responses and time.monotonic() < deadline:
+    while seen < after_responses and not ended and time.monotonic() < deadline:
         try:
-            responses.get(timeout=0.05)
-            seen += 1
+            result, error = responses.get(timeout=0.05)
         except queue.Empty:
-            pass
+            continue
+        seen += 1
+        ended = error is not None or result.get_response().parameters["triton_final_response"].bool_param
     client.stop_stream(cancel_requests=True)
     client.close()
-    return seen
+    return Streamed(seen, ended)
 
 
 def check_still_exact(server, reference):
@@ -72,8 +80,17 @@ def check_still_exact(server, reference):
 
 
 def test_cancelled_stream_is_aborted_in_llms_engine(server, reference):
-    start = len(server.log_text())
-    assert stream_then_cancel(server.grpc_url, PROMPT, after_responses=3, after_s=120) == 3
+    # The engine's deltas queue up while llm's loop is busy and go out merged,
+    # so on a starved machine three responses can carry all 1,500 tokens: that
+    # request ended before its cancellation and there was nothing to abort.
+    # Only such a run is repeated (at most twice).
+    tries = []
+    while len(tries) < 3:
+        start = len(server.log_text())
+        tries.append(stream_then_cancel(server.grpc_url, PROMPT, after_responses=3, after_s=120))
+        if not tries[-1].ended:
+            break
+    assert tries[-1] == Streamed(3, False), f"no stream was cancelled while generating: {tries}"
     deadline = time.monotonic() + 30
     while "(its client cancelled)" not in server.log_text()[start:]:
         # On failure, show what the server logged meanwhile (did it finish the

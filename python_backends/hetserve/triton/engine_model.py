@@ -109,6 +109,7 @@ class EngineModel:
         self._active: dict[str, Flow] = {}  # engine loop only
         self.board = CancelBoard()
         self._watcher = self.engine.submit(self._watch_cancellations())
+        self._watcher.add_done_callback(self._watcher_ended)
         logger.info("%s: ready; KV fingerprint %s", self.name, self.fingerprint.to_json())
 
     def parameter(self, key: str, default: str) -> str:
@@ -135,10 +136,10 @@ class EngineModel:
             self.engine.submit(self._dispatch(request))
 
     def finalize(self) -> None:
-        self._watcher.cancel()
+        watcher, self._watcher = self._watcher, None  # None first: its stopping is expected now
+        watcher.cancel()
         self.engine.shutdown()
         self.slots.close()
-        self._watcher = None
         gc.collect()  # release Triton objects while the stub can still free them
 
     # Everything below runs on the engine loop.
@@ -208,6 +209,13 @@ class EngineModel:
     async def on_cancelled(self, flow: Flow, why: str) -> None:
         if flow.in_engine:
             await self.abort(flow, why)
+
+    def _watcher_ended(self, future) -> None:
+        """Say so if the cancellation watcher ever stops before finalize: no cancel is noticed after it."""
+        if self._watcher is None:  # finalize cancelled it
+            return
+        exc = None if future.cancelled() else future.exception()
+        logger.error("%s: the cancellation watcher stopped (%r); client cancellations go unnoticed now", self.name, exc)
 
     async def _watch_cancellations(self) -> None:
         # The sleeping frame must hold no response sender: destroying one after
