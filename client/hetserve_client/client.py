@@ -131,9 +131,19 @@ def generate_http(
         except ValueError:
             pass
         raise InferenceServerException(msg=message, status=str(exc.code)) from None
+    return completion_of(out)
+
+
+def completion_of(out: dict[str, Any]) -> Completion:
+    """The Completion in a generate endpoint's JSON answer.
+
+    Triton writes a one-element output as a bare value: one generated token
+    comes back as ``"output_ids": 514``, not ``[514]``.
+    """
+    text = out[names.TEXT_OUTPUT]
     return Completion(
-        text=out[names.TEXT_OUTPUT] if isinstance(out[names.TEXT_OUTPUT], str) else "".join(out[names.TEXT_OUTPUT]),
-        token_ids=list(out.get(names.OUTPUT_IDS, [])),
+        text=text if isinstance(text, str) else "".join(text),
+        token_ids=_listed(out.get(names.OUTPUT_IDS, [])),
         finish_reason=_first(out.get(names.FINISH_REASON)),
         num_input_tokens=_first(out.get(names.NUM_INPUT_TOKENS)),
         num_output_tokens=_first(out.get(names.NUM_OUTPUT_TOKENS)),
@@ -142,6 +152,10 @@ def generate_http(
 
 def _first(value):
     return value[0] if isinstance(value, list) else value
+
+
+def _listed(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def wait_ready(http_url: str, timeout: float) -> None:
