@@ -4,7 +4,12 @@ vLLM's own ``SamplingParams`` validates values (it is the single source of
 truth); this module adds clear errors for what reaches it malformed, and the
 coercions clients rely on with Triton's vLLM backend: numbers and booleans
 sent as strings (genai-perf sends ``{"max_tokens": "100"}``), ``logit_bias``
-keyed by strings (JSON object keys), ``structured_outputs`` as an object.
+keyed by strings (JSON object keys), ``structured_outputs`` as an object,
+and ``null`` for a field that takes no null meaning its default (as an
+unset field in vLLM's OpenAI API). A value of the wrong kind (an object for
+``stop``, a string for ``bad_words``, an integer that no 64-bit field holds)
+is refused with the field named, before vLLM asserts on it or fails to
+serialize it.
 """
 
 from __future__ import annotations
@@ -64,12 +69,48 @@ def _scalar(name: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"sampling_parameters: {name} must be {target.__name__}, got {value!r}") from None
 
 
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries to the engine core
+_KINDS = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and _INT_MIN <= value <= _INT_MAX
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_kind(name: str, value: Any, hint: Any) -> None:
+    """Refuse a list, object, string or integer where ``hint`` takes none, with the field named."""
+    args = typing.get_args(hint) or (hint,)
+    lists = [a for a in args if typing.get_origin(a) is list]
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError(f"sampling_parameters: {name} is out of range: {value}")
+    if isinstance(value, list):
+        if not lists:
+            return  # a scalar field: _scalar refused it; others (arrays) are vLLM's to check
+        item = (typing.get_args(lists[0]) or (Any,))[0]
+        bad = [v for v in value if item in _KINDS and not _fits(v, item)]
+        if bad:
+            raise ValueError(f"sampling_parameters: {name} must be a list of {_KINDS[item]}s, got {bad[0]!r} in it")
+    elif isinstance(value, dict):
+        if not any(typing.get_origin(a) is dict or (isinstance(a, type) and a not in (*_KINDS, type(None))) for a in args):
+            raise ValueError(f"sampling_parameters: {name} must not be an object")
+    elif isinstance(value, str) and lists and str not in args:
+        raise ValueError(f"sampling_parameters: {name} must be a list, got a string")
+
+
 def _coerce(fields: dict[str, Any]) -> dict[str, Any]:
     from vllm.exceptions import VLLMError
     from vllm.sampling_params import StructuredOutputsParams
 
     types = _field_types()
+    # null where the field takes none: its default, as an unset field.
+    fields = {k: v for k, v in fields.items() if v is not None or type(None) in typing.get_args(types[k])}
     out = {name: _scalar(name, value, types[name]) for name, value in fields.items()}
+    for name, value in out.items():
+        _check_kind(name, value, types[name])
     bias = out.get("logit_bias")
     if isinstance(bias, dict):
         try:
@@ -101,6 +142,8 @@ def to_sampling_params(fields: dict[str, Any]):
         params = SamplingParams(**fields)
     except (TypeError, ValueError, VLLMError) as exc:
         raise ValueError(f"invalid sampling_parameters: {exc}") from None
+    except AssertionError as exc:  # vLLM asserts some types; say where at least
+        raise ValueError(f"invalid sampling_parameters: {exc or 'a field of the wrong type'}") from None
     _check_wire_types(params)
     return params
 
@@ -119,5 +162,5 @@ def _check_wire_types(params) -> None:
 
     try:
         msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
-    except (msgspec.ValidationError, msgspec.EncodeError, TypeError) as exc:
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError) as exc:
         raise ValueError(f"invalid sampling_parameters: {exc}".replace("`$.", "`")) from None

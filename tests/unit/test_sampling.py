@@ -68,10 +68,32 @@ def test_deep_or_huge_json_is_refused():
     ({"logit_bias": [1, 2]}, "logit_bias"),
     ({"logit_bias": 3}, "logit_bias"),
     ({"seed": 1.5}, "seed"),
-    ({"bad_words": [1]}, "bad_words[0]"),
+    ({"bad_words": [1]}, "bad_words"),
     ({"allowed_token_ids": {"a": 1}}, "allowed_token_ids"),
 ])
 def test_wrong_types_are_refused_before_they_reach_the_engine_core(fields, where):
     # vLLM's engine core would fail to decode these in its input thread, which then dies.
-    with pytest.raises(ValueError, match=rf"invalid sampling_parameters: Expected .* - at `{re.escape(where)}`"):
+    with pytest.raises(ValueError, match=rf"sampling_parameters: .*\b{re.escape(where)}\b"):
         to_sampling_params({"max_tokens": 4, **fields})
+
+
+@pytest.mark.parametrize("fields, message", [
+    # Found by probing a running server: each gave an error that named no field.
+    ({"max_tokens": 10**30}, "max_tokens is out of range"),  # was an OverflowError from msgpack
+    ({"seed": 2**64}, "seed is out of range"),
+    ({"stop_token_ids": [2**70]}, "stop_token_ids must be a list of integers"),
+    ({"stop": {"a": 1}}, "stop must not be an object"),  # was vLLM's bare AssertionError
+    ({"stop": [1]}, "stop must be a list of strings, got 1"),  # was "object of type 'int' has no len()"
+    ({"stop": [None]}, "stop must be a list of strings, got None"),
+    ({"bad_words": "than"}, "bad_words must be a list, got a string"),  # was accepted as a list of letters
+    ({"allowed_token_ids": [1, True]}, "allowed_token_ids must be a list of integers, got True"),
+])
+def test_values_of_the_wrong_kind_are_refused_with_the_field_named(fields, message):
+    with pytest.raises(ValueError, match=re.escape(f"sampling_parameters: {message}")):
+        to_sampling_params({"max_tokens": 4, **fields})
+
+
+def test_null_means_the_default_where_a_field_takes_no_null():
+    params = to_sampling_params({"max_tokens": 4, "temperature": None, "top_p": None, "top_k": None, "seed": None})
+    default = to_sampling_params({"max_tokens": 4})
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (default.temperature, default.top_p, default.top_k, None)
