@@ -140,23 +140,6 @@ class EngineLoop:
             )
         return ids.tolist()
 
-    def prompt(self, ids: list[int]):
-        """``ids`` as the engine input vLLM's renderer makes of them, rendered here, on the loop.
-
-        Given a raw ``TokensPrompt``, AsyncLLM.generate renders it on the
-        renderer's thread pool: a hop to a pool thread and back before the
-        request reaches the engine, ~10 ms on two busy cores (measured on the
-        KV hand-off's path, README "Benchmarks"). For token ids there is
-        nothing to tokenize; the checks are the same.
-        """
-        from vllm.inputs import TokensPrompt
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-        renderer = self.engine.renderer
-        parsed = parse_model_prompt(self.engine.model_config, TokensPrompt(prompt_token_ids=ids))
-        (rendered,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
-        return rendered
-
     @staticmethod
     async def _create(engine_args: dict[str, Any]):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -174,11 +157,11 @@ class EngineLoop:
         this takes milliseconds.) Greedy: the engine's random state stays as
         it was.
         """
-        from vllm import SamplingParams
+        from vllm import SamplingParams, TokensPrompt
 
         started = time.monotonic()
         params = SamplingParams(max_tokens=1, temperature=0, logprobs=1)
-        async for _ in self.engine.generate(self.prompt([0]), params, "hetserve-warm-up"):
+        async for _ in self.engine.generate(TokensPrompt(prompt_token_ids=[0]), params, "hetserve-warm-up"):
             pass
         logger.info("engine warmed up (logprobs kernel) in %.1f s", time.monotonic() - started)
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
@@ -331,7 +332,7 @@ class LLMModel(EngineModel):
         if flow.cancelled:
             raise cancellation()
         try:
-            async for output in self.engine.engine.generate(self.engine.prompt(prompt), engine, flow.request_id):
+            async for output in self.engine.engine.generate(TokensPrompt(prompt_token_ids=prompt), engine, flow.request_id):
                 if handoff is not None and not handoff.loaded:
                     self._loaded(handoff)
                 completion = output.outputs[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 import triton_python_backend_utils as pb_utils
+from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
 from hetserve import names
@@ -81,7 +82,7 @@ class PrefillModel(EngineModel):
         try:
             flow.in_engine = True
             final = None
-            async for final in self.engine.engine.generate(self.engine.prompt(ids), params, flow.request_id):
+            async for final in self.engine.engine.generate(TokensPrompt(prompt_token_ids=ids), params, flow.request_id):
                 pass
             completion = final.outputs[0]
             engine_done = final.finished and completion.finish_reason != ABORT
