@@ -140,6 +140,22 @@ class EngineLoop:
             )
         return ids.tolist()
 
+    def check_params(self, params) -> None:
+        """Raise vLLM's own error (VLLMValidationError) where this engine would refuse ``params``.
+
+        The checks vLLM makes as a request arrives that depend on the model
+        (logprobs, logit_bias and token ids against the vocabulary, structured
+        outputs), made on a copy. llm makes them before it asks the prefill
+        tier: prefill's refusal reaches llm without its INVALID_ARG code
+        (Triton 2.51, a BLS response's error), so it looked like prefill
+        failing, and llm tried the request again in its own engine.
+        """
+        engine = self.engine
+        config = engine.vllm_config
+        params.clone().verify(
+            engine.model_config, config.speculative_config, config.structured_outputs_config, engine.input_processor.tokenizer
+        )
+
     @staticmethod
     async def _create(engine_args: dict[str, Any]):
         from vllm.engine.arg_utils import AsyncEngineArgs

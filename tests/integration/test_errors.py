@@ -39,6 +39,22 @@ def expected(reference):
     return reference([GOOD], GREEDY)[0]
 
 
+LONG = "model token " * 40  # prefilled by the prefill model when it is valid
+
+
+@pytest.mark.parametrize("sampling, message", [
+    ({"max_tokens": 4, "logit_bias": {"99999": 1}}, "out-of-vocab token ids"),
+    ({"max_tokens": 4, "logprobs": 2048}, "greater than max allowed"),
+])
+def test_a_bad_request_on_the_prefill_route_is_refused_by_llm_itself(server, sampling, message):
+    # Prefill's refusal reaches llm without its code (a BLS response's error in
+    # Triton 2.51): it looked like prefill failing (a warning, a second try).
+    start = len(server.log_text())
+    with pytest.raises(InferenceServerException, match=message):
+        generate_http(server.http_url, LONG, sampling)
+    assert "prefill failed" not in server.log_text()[start:]
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_request_gets_a_clear_error(server, expected, case):
     prompt, sampling_json, message = BAD[case]

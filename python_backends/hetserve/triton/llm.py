@@ -247,6 +247,8 @@ class LLMModel(EngineModel):
             out = _Output(req, len(ids), params.n, flow.arrival)
             # Prompt logprobs need every prompt position computed here: no transfer then.
             tiers = await self._route(len(ids)) if params.prompt_logprobs is None else []
+            if tiers:  # a bad request is refused here, not sent to prefill
+                self.engine.check_params(params)
             for i, tier in enumerate(tiers):
                 try:
                     first, finish, first_logprobs, handoff = await self._prefill(tier, flow, req, ids)
