@@ -22,6 +22,13 @@ def save_params(ref: SlotRef, dtype: str = AUTO) -> dict[str, Any]:
     return _params(ref, dtype)
 
 
-def load_params(ref: SlotRef, num_tokens: int, dtype: str = AUTO) -> dict[str, Any]:
-    """Consumer: the slot ``ref`` holds KV for the first ``num_tokens`` prompt tokens (in ``dtype``)."""
-    return _params(ref, dtype, num_tokens=num_tokens)
+def load_params(ref: SlotRef, num_tokens: int, dtype: str = AUTO, early_wait_s: float | None = None) -> dict[str, Any]:
+    """Consumer: the slot ``ref`` holds KV for the first ``num_tokens`` prompt tokens (in ``dtype``).
+
+    ``early_wait_s``: an early load: the slot is still being written; the
+    worker waits for it (and for the first token in its header) at most this
+    long, while the engine goes on with other requests.
+    """
+    if early_wait_s is None:
+        return _params(ref, dtype, num_tokens=num_tokens)
+    return _params(ref, dtype, num_tokens=num_tokens, early_wait_s=float(early_wait_s))

@@ -12,8 +12,10 @@ grammar all pick it, and the sampler's random stream, penalty counts and
 grammar state advance exactly as in a single engine. From the second step on,
 the request is untouched.
 
-A request asks for it with ``SamplingParams.extra_args[FIRST_TOKEN_KEY] = id``;
-the consumer engine loads the class by name (engine.py). Plain vLLM: no Triton.
+A request asks for it with ``SamplingParams.extra_args[FIRST_TOKEN_KEY] = id``,
+or, loaded early (kv/early.py: the engine had the request before prefill had
+sampled), gets the token its worker read from the slot's header. The consumer
+engine loads the class by name (engine.py). Plain vLLM: no Triton.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from hetserve.connector_params import PARAMS_KEY
 
 FIRST_TOKEN_KEY = "hetserve_first_token"
 
@@ -42,8 +46,13 @@ class ForceFirstToken(LogitsProcessor):
 
     @staticmethod
     def _new(params: SamplingParams, _prompt: list[int] | None, output: list[int]):
-        token = (params.extra_args or {}).get(FIRST_TOKEN_KEY)
-        return None if token is None or output else (token, output)
+        if output:
+            return None
+        extra = params.extra_args or {}
+        token = extra.get(FIRST_TOKEN_KEY)
+        if token is None:
+            token = _early_token(extra)
+        return None if token is None else (token, output)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self._rows, batch_update, self._new)
@@ -56,3 +65,13 @@ class ForceFirstToken(LogitsProcessor):
             logits[row].fill_(float("-inf"))
             logits[row, token] = 0.0  # finite even where a mask had ruled it out
         return logits
+
+
+def _early_token(extra: dict) -> int | None:
+    """The first token of an early load, left by this worker's connector (None: not loaded early)."""
+    from hetserve.kv.early import FIRST_TOKENS
+
+    params = (extra.get("kv_transfer_params") or {}).get(PARAMS_KEY) or {}
+    if "early_wait_s" not in params:
+        return None
+    return FIRST_TOKENS.pop((params["slot"], int(params["nonce"])), None)

@@ -11,13 +11,19 @@ histogram (one request at a time, so each sum's increase is one hand-off).
 A plain ``copy_`` of the same bytes, timed in this process in the same run, is
 the yardstick: ``ratio`` = hand-off bandwidth / memcpy bandwidth. The hand-off
 copies twice, so 0.5 is its ceiling. The table also shows the gather, the
-scatter, and the time between them (prefill's engine finishing its step, the
-BLS reply, llm adding the decode request, decode's engine scheduling it).
+scatter, and the time between them: with ``kv_load early`` (llm's default)
+until decode's worker, holding the request already, next looks at the slot;
+with ``after``, prefill's engine finishing its step, the BLS reply, llm adding
+the decode request and decode's engine scheduling it.
 
 ``--kv-save all,layer`` runs the whole series once per way prefill's connector
 saves the KV (every layer at the end of the step, or each layer as vLLM
 finishes it; a server per way, one after the other in the same run) and adds
 the time to first token, streamed over gRPC, to each row.
+
+``--kv-load early,after`` runs it once per way ``llm`` loads the KV (its
+engine waits for the KV while prefill runs and loads it as soon as it is
+written, or takes the request after prefill's reply; a server each).
 
 ``--transfer-dtypes auto,int8,fp8_e4m3`` (with ``--transport tensor``: the
 ``shm`` path never compresses) runs the series once per ``kv_transfer_dtype``,
@@ -107,12 +113,12 @@ def handoff_ms(http_url: str, metrics_url: str, transport: str, prompt: str, grp
 
 
 def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, grpc_url: str | None = None,
-        kv_save: str = "all", transfer_dtype: str = "auto") -> list[dict]:
+        kv_save: str = "all", transfer_dtype: str = "auto", kv_load: str = "early") -> list[dict]:
     from tqdm import tqdm
 
     rows = []
     plan = [(n, args.runs_long if n >= 2048 else args.runs) for n in args.tokens]
-    desc = f"kv hand-off (kv_save {kv_save}, {transfer_dtype})"
+    desc = f"kv hand-off (kv_save {kv_save}, kv_load {kv_load}, {transfer_dtype})"
     with tqdm(total=sum(r for _, r in plan) + len(plan), desc=desc, unit="req") as bar:
         for tokens, runs in plan:
             prompt = prompt_of(tokenizer, tokens)
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
             rows.append({
                 "tokens": tokens,
                 "kv_save": kv_save,
+                "kv_load": kv_load,
                 "dtype": args.dtype if transfer_dtype == "auto" else transfer_dtype,
                 "bytes": nbytes,
                 "ms_median": round(median, 3),
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
                 "ttft_ms_median": round(statistics.median(s[4] for s in samples), 3),
                 "_gather_ms": round(statistics.median(s[1] for s in samples), 3),
                 "_scatter_ms": round(statistics.median(s[2] for s in samples), 3),
-                # Neither copy: prefill's engine returning the step, the BLS reply, llm starting the decode request.
+                # Neither copy (see the module doc): the wait from the stamp to the scatter.
                 "_between_ms": round(statistics.median(s[0] - s[1] - s[2] for s in samples), 3),
                 "_memcpy_ms": round(copy, 3),
             })
@@ -150,10 +157,10 @@ def run(args: argparse.Namespace, http_url: str, metrics_url: str, tokenizer, gr
 
 def print_table(rows: list[dict], transport: str) -> None:
     print(f"\nKV hand-off, transport {transport} (gather start -> scatter end), against memcpy of the same bytes")
-    print(f"{'tokens':>6} {'kv_save':>7} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
+    print(f"{'tokens':>6} {'kv_save':>7} {'kv_load':>7} {'dtype':>9} {'MiB':>7} | {'median ms':>9} {'p90 ms':>7} {'GB/s':>6} | "
           f"{'gather':>7} {'scatter':>7} {'between':>7} | {'memcpy ms':>9} {'GB/s':>6} | {'ratio':>5} | {'TTFT ms':>7}")
     for r in rows:
-        print(f"{r['tokens']:>6} {r['kv_save']:>7} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} "
+        print(f"{r['tokens']:>6} {r['kv_save']:>7} {r['kv_load']:>7} {r['dtype']:>9} {r['bytes'] / 2**20:7.1f} | {r['ms_median']:9.2f} "
               f"{r['ms_p90']:7.2f} {r['gbps']:6.2f} | {r['_gather_ms']:7.2f} {r['_scatter_ms']:7.2f} {r['_between_ms']:7.2f} | "
               f"{r['_memcpy_ms']:9.2f} {r['memcpy_gbps']:6.2f} | {r['ratio']:5.2f} | {r['ttft_ms_median']:7.1f}")
 
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="kv_transfer_dtype(s), comma-separated, a server each (not auto: --transport tensor)")
     parser.add_argument("--model", default=BENCH_MODEL, help="checkpoint (default: built-in, Llama-3-8B-shaped KV)")
     parser.add_argument("--kv-save", default="all", help="how prefill saves the KV: all, layer, or all,layer (a server each)")
+    parser.add_argument("--kv-load", default="early",
+                        help="when llm's engine takes the request: early, after, or early,after (a server each)")
     parser.add_argument("--url", help="HTTP address of a running server (default: start one)")
     parser.add_argument("--grpc-url", help="with --url: its gRPC address, for the time to first token")
     parser.add_argument("--metrics-url", help="its metrics address (with --url)")
@@ -192,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args, args.url, metrics_url, tokenizer, args.grpc_url, args.kv_save, transfer_dtypes[0])
     else:
         rows = [
-            row for mode in args.kv_save.split(",") for name in transfer_dtypes
-            for row in _with_server(args, tokenizer, mode, name)
+            row for load in args.kv_load.split(",") for mode in args.kv_save.split(",") for name in transfer_dtypes
+            for row in _with_server(args, tokenizer, mode, name, load)
         ]
     print_table(rows, args.transport)
     if args.json:
@@ -211,7 +220,7 @@ def kv_bytes_per_token(args: argparse.Namespace) -> int:
     return ModelFingerprint.from_hf_config(AutoConfig.from_pretrained(resolve_model(args.model)), args.dtype).bytes_per_token
 
 
-def _with_server(args: argparse.Namespace, tokenizer, kv_save: str, transfer_dtype: str = "auto") -> list[dict]:
+def _with_server(args: argparse.Namespace, tokenizer, kv_save: str, transfer_dtype: str = "auto", kv_load: str = "early") -> list[dict]:
     from hetserve.bench.server import started
 
     longest = max(args.tokens) + 64
@@ -223,9 +232,9 @@ def _with_server(args: argparse.Namespace, tokenizer, kv_save: str, transfer_dty
         # Room for the longest prompt's KV (and a little more) in each engine.
         "kv_cache_memory_bytes": 3 * longest * 32 * 2 * 8 * 128 * 4,
     }
-    parameters = {"prefill": {"kv_save": kv_save}, "llm": {"kv_transfer_dtype": transfer_dtype}}
+    parameters = {"prefill": {"kv_save": kv_save}, "llm": {"kv_transfer_dtype": transfer_dtype, "kv_load": kv_load}}
     with started(args.model, engine_args, kv_transport=args.transport, parameters=parameters) as (http_url, grpc_url, metrics_url, _):
-        return run(args, http_url, metrics_url, tokenizer, grpc_url, kv_save, transfer_dtype)
+        return run(args, http_url, metrics_url, tokenizer, grpc_url, kv_save, transfer_dtype, kv_load)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Contract (which side calls what):
     "num_tokens": T}``: the slot holds KV for the first T prompt tokens; put
     it into the paged cache instead of computing it (vLLM still computes the
     prompt's last token: its KV from the slot is put back after that step);
+  - consumer, early (``"early_wait_s": S`` added): the slot is still being
+    written; vLLM parks the request while this connector's worker waits for
+    the slot, loads it, and waits for the first token (kv/early.py);
   - either may add ``"dtype": NAME``, a transfer dtype (kv/transfer.py): the
     slot's KV is (to be) encoded in it; the worker encodes as it gathers and
     decodes as it scatters. Without it, the model's dtype.
@@ -32,7 +35,8 @@ loads a request's KV at most once: after a preemption vLLM recomputes it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,13 +44,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
 from hetserve import setup_logging
 from hetserve.kv import cpu_attn, flash, transfer
 from hetserve.kv.device_save import DeviceSaver
-from hetserve.kv.slots import Field, MappingCache, SlotError, header, now_ns, stamp, written_tokens
+from hetserve.kv.early import EarlyLoads, movable
+from hetserve.kv.slots import HEADER_BYTES, Field, MappingCache, SlotError, header, now_ns, stamp, written_tokens
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -62,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 SAVE_ALL, SAVE_LAYER = "all", "layer"  # kv_save: every layer at the end of the step, or each as it is done
 SAVE_MODES = (SAVE_ALL, SAVE_LAYER)
+IDLE_WAIT_S = 0.02  # how long a step with nothing but parked requests is held back, at most (kv/early.py)
+IDLE_POLL_S = 0.001
 
 
 def transfer_params(request: "Request") -> dict[str, Any] | None:
@@ -81,12 +89,15 @@ class TransferSpec:
     count: int  # leading tokens to move
     dtype: str = transfer.AUTO  # the slot's transfer dtype
     block_ids: list[int] = field(default_factory=list)
+    wait_s: float | None = None  # an early load: wait for the slot at most this long (kv/early.py)
 
 
 @dataclass
 class HetserveConnectorMetadata(KVConnectorMetadata):
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
+    # Early loads in the step that computes their prompt's last token: prefill's KV of it goes back after.
+    restores: list[TransferSpec] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -108,6 +119,8 @@ class HetserveConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._saving: dict[str, _Saving] = {}
         self._to_load: dict[str, TransferSpec] = {}
+        self._early_to_start: dict[str, TransferSpec] = {}
+        self._early_started: dict[str, TransferSpec] = {}  # until the request's first step
         self._loaded: set[str] = set()
         # Worker side.
         self._layers: list[torch.Tensor] = []
@@ -120,6 +133,8 @@ class HetserveConnector(KVConnectorBase_V1):
         self._device: DeviceSaver | None = None  # pages on a GPU: saves go through a side stream
         self._load_errors: set[int] = set()
         self._recomputed: list[TransferSpec] = []  # loaded in this step, the slot holding more than was loaded
+        self._early = EarlyLoads(self._load, lambda path, nbytes: self._maps.get(path, nbytes))
+        self._headers = MappingCache()  # scheduler side: the parked requests' slot headers
 
     # ---------------------------------------------------------------- scheduler
 
@@ -141,15 +156,15 @@ class HetserveConnector(KVConnectorBase_V1):
             # Only the whole prompt is loaded; with local hits, recompute instead.
             logger.warning("request %s has %d locally cached tokens; not loading its KV", request.request_id, num_computed_tokens)
             return 0, False
-        # A synchronous load may not cover the whole prompt (the scheduler needs
-        # one token to compute); callers send the KV's tokens plus at least one.
-        return min(int(params["num_tokens"]), request.num_prompt_tokens - 1), False
+        # A load may not cover the whole prompt (the scheduler needs one token
+        # to compute); callers send the KV's tokens plus at least one.
+        return min(int(params["num_tokens"]), request.num_prompt_tokens - 1), "early_wait_s" in params
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
             return
         params = transfer_params(request)
-        self._to_load[request.request_id] = TransferSpec(
+        spec = TransferSpec(
             request.request_id,
             params["slot"],
             int(params["capacity"]),
@@ -158,16 +173,34 @@ class HetserveConnector(KVConnectorBase_V1):
             num_external_tokens,
             str(params.get("dtype", transfer.AUTO)),
         )
+        if "early_wait_s" in params:  # parked now: its blocks are known now, not when it is scheduled
+            spec.wait_s = float(params["early_wait_s"])
+            spec.block_ids = list(blocks.get_block_ids()[0])
+            self._early_to_start[request.request_id] = spec
+        else:
+            self._to_load[request.request_id] = spec
         self._loaded.add(request.request_id)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        if (
+            scheduler_output.total_num_scheduled_tokens == 0 and self._early_started
+            and not self._early_to_start and not scheduler_output.finished_req_ids
+        ):
+            self._hold_idle_step()
         meta = HetserveConnectorMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
+        meta.loads.extend(self._early_to_start.values())
+        self._early_started.update(self._early_to_start)
+        self._early_to_start.clear()
         for new in scheduler_output.scheduled_new_reqs:
             spec = self._to_load.pop(new.req_id, None)
             if spec is not None:
                 spec.block_ids = list(new.block_ids[0])
                 meta.loads.append(spec)
+            early = self._early_started.pop(new.req_id, None)
+            if early is not None and early.num_tokens > early.count:
+                early = replace(early, block_ids=list(new.block_ids[0]))
+                meta.restores.append(early)
             saving = self._saving.get(new.req_id)
             if saving is not None:
                 saving.spec.block_ids = list(new.block_ids[0])
@@ -187,6 +220,20 @@ class HetserveConnector(KVConnectorBase_V1):
             self._maybe_save(saving, meta)
         return meta
 
+    def _hold_idle_step(self) -> None:
+        """A step that computes nothing, only parked requests waiting: wait (at most IDLE_WAIT_S) until one can move."""
+        deadline = time.monotonic() + IDLE_WAIT_S
+        while True:
+            for spec in self._early_started.values():
+                try:
+                    if movable(header(self._headers.get(spec.path, HEADER_BYTES)), spec.nonce):
+                        return
+                except SlotError:
+                    return  # the worker fails it
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(IDLE_POLL_S)
+
     @staticmethod
     def _maybe_save(saving: _Saving, meta: HetserveConnectorMetadata) -> None:
         if not saving.saved and saving.computed >= saving.spec.num_tokens:
@@ -196,6 +243,8 @@ class HetserveConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._loaded.discard(request.request_id)
         self._to_load.pop(request.request_id, None)
+        self._early_to_start.pop(request.request_id, None)
+        self._early_started.pop(request.request_id, None)
         saving = self._saving.pop(request.request_id, None)
         if saving is None or not saving.saved:
             return False, None
@@ -245,18 +294,30 @@ class HetserveConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
         for spec in meta.loads:
+            if spec.wait_s is not None:
+                self._early.add(spec)
+                continue
             try:
-                head, payload, scales = self._slot(spec)
-                if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
-                    raise SlotError(f"slot {spec.path} does not hold this request's KV")
-                head[Field.SCATTER_START_NS] = now_ns()
-                transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids)
-                head[Field.SCATTER_END_NS] = now_ns()
+                self._load(spec)
                 if spec.num_tokens > spec.count:
                     self._recomputed.append(spec)
             except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
                 logger.warning("KV load for request %s failed: %s", spec.req_id, exc)
                 self._load_errors.update(spec.block_ids)
+
+    def _load(self, spec: TransferSpec) -> None:
+        """Copy the slot's KV (its first ``spec.count`` tokens) into the request's blocks."""
+        head, payload, scales = self._slot(spec)
+        if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
+            raise SlotError(f"slot {spec.path} does not hold this request's KV")
+        head[Field.SCATTER_START_NS] = now_ns()
+        transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids)
+        head[Field.SCATTER_END_NS] = now_ns()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Early loads that ended; a failed one is also finished (vLLM then fails or frees its request)."""
+        finished, failed = self._early.advance(finished_req_ids)
+        return KVConnectorTransferResults(finished_recving=finished, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._load_errors = self._load_errors, set()
@@ -317,9 +378,10 @@ class HetserveConnector(KVConnectorBase_V1):
         self._recomputed.clear()
 
     def wait_for_save(self) -> None:
-        self._restore_recomputed()
         meta = self._get_connector_metadata()
         assert isinstance(meta, HetserveConnectorMetadata)
+        self._recomputed.extend(spec for spec in meta.restores if self._early.loaded(spec.req_id))
+        self._restore_recomputed()
         for spec in meta.saves:
             layers_saved, copy_ns = self._by_layer.pop(spec.req_id, (0, 0))
             by_layer = layers_saved == len(self._layers)

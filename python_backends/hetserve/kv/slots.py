@@ -61,6 +61,12 @@ class Field(IntEnum):
     GATHER_END_NS = 3
     SCATTER_START_NS = 4
     SCATTER_END_NS = 5
+    # An early load (the consumer's engine waits for the KV while prefill runs): the
+    # consumer's caller writes prefill's first token (id + 1) once prefill answered,
+    # or ABANDONED if it gave up on this lending; the consumer's worker finishes
+    # the load on either.
+    FIRST_TOKEN = 6
+    ABANDONED = 7
 
 
 class SlotError(RuntimeError):
@@ -97,6 +103,12 @@ def stamp(head: torch.Tensor, nonce: int, num_tokens: int) -> None:
     """Mark a slot's KV complete for the lending ``nonce`` (after the copy, nonce last)."""
     head[Field.NUM_TOKENS] = num_tokens
     head[Field.NONCE] = nonce
+
+
+def first_token(head: torch.Tensor) -> int | None:
+    """The first token the caller wrote for an early load, or None if not yet."""
+    value = int(head[Field.FIRST_TOKEN])
+    return value - 1 if value > 0 else None
 
 
 def written_tokens(head: torch.Tensor, nonce: int) -> int | None:
@@ -163,6 +175,14 @@ class Slot:
     def complete(self, num_tokens: int) -> bool:
         """Whether the writer finished writing ``num_tokens`` tokens for this lending."""
         return written_tokens(self.header, self.nonce) == num_tokens
+
+    def give_first_token(self, token: int) -> None:
+        """An early load: prefill's first token, for the engine that waits on this slot."""
+        self.header[Field.FIRST_TOKEN] = token + 1
+
+    def abandon(self) -> None:
+        """Nobody will wait for this lending any more: a worker waiting on it gives up."""
+        self.header[Field.ABANDONED] = 1
 
     def stamp_written(self, num_tokens: int) -> None:
         """Mark the KV complete (a writer that is not a vLLM worker: a stub's copy)."""

@@ -60,6 +60,7 @@ class Flow:
     sender: Responder
     cancelled: bool = False
     in_engine: bool = False  # the engine holds it: a cancel aborts it there
+    prefilling: bool = False  # and prefill too (llm's early load): a cancel goes to both
     aborted: bool = False
     attempts: list[str] = field(default_factory=list)  # ids of its calls to prefill tiers, the last in flight
     arrival: float = field(default_factory=time.monotonic)

@@ -10,7 +10,11 @@ request:
 * a longer one is prefilled by the ``prefill`` model (a BLS request): on the
   same host (``kv_transport: shm``) llm lends it a slot of its own, prefill's
   vLLM worker writes the KV into it and llm's worker reads it into the paged
-  cache — two copies, no KV byte through a stub or the server; with
+  cache — two copies, no KV byte through a stub or the server. With
+  ``kv_load: early`` (the default) llm adds the request to its engine as it
+  calls prefill, and its worker loads the KV the moment prefill's worker has
+  written it (kv/early.py), while prefill's reply is still on its way; with
+  ``kv_load: after`` it adds the request after prefill's reply; with
   ``kv_transport: tensor`` the KV comes back as the interchange tensor and
   this stub copies it into a slot (off the event loop);
 * a prefill tier on another Triton server (``grpc://HOST:PORT/MODEL`` in
@@ -40,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import numpy as np
 import torch
@@ -181,6 +185,10 @@ class LLMModel(EngineModel):
         super().__init__(args)
         self.remote_min_tokens = int(self.parameter("remote_prefill_min_tokens", "32"))
         self.transport = Transport(self.parameter("kv_transport", Transport.SHM.value))
+        kv_load = self.parameter("kv_load", "early")
+        if kv_load not in ("early", "after"):
+            raise ValueError(f"kv_load must be early or after, got {kv_load!r}")
+        self.early_load = kv_load == "early"
         # What crosses Triton or the network (tensor transport, remote tiers); shm moves the model's dtype.
         self.transfer_dtype = transfer.check(self.parameter("kv_transfer_dtype", transfer.AUTO))
         self.metrics = KVMetrics(self.name)
@@ -228,7 +236,7 @@ class LLMModel(EngineModel):
     async def on_cancelled(self, flow: Flow, why: str) -> None:
         if flow.in_engine:
             await self.abort(flow, why)
-        else:  # in prefill, or about to be: prefill polls the board
+        if not flow.in_engine or flow.prefilling:  # in prefill, or about to be: prefill polls the board
             for attempt in flow.attempts[-1:]:
                 self.board.cancel(attempt)
             logger.info("llm: client cancelled request %s; cancelling it in prefill", flow.request_id)
@@ -250,23 +258,51 @@ class LLMModel(EngineModel):
             if tiers:  # a bad request is refused here, not sent to prefill
                 self.engine.check_params(params)
             for i, tier in enumerate(tiers):
+                early: _Early | None = None
+
+                def start_early(slot: Slot) -> None:  # the engine waits for the KV while prefill writes it
+                    nonlocal early
+                    early = self._start_early(flow, out, params, ids, slot)
+
                 try:
-                    first, finish, first_logprobs, handoff = await self._prefill(tier, flow, req, ids)
-                except PrefillUnavailable as exc:
+                    first, finish, first_logprobs, handoff = await self._prefill(
+                        tier, flow, req, ids, start_early if self._loads_early(tier) else None
+                    )
+                except BaseException as exc:
+                    if early is not None:
+                        await early.close()
+                        flow.in_engine = flow.prefilling = False
+                    if not isinstance(exc, PrefillUnavailable):
+                        raise
                     then = f"trying {tiers[i + 1].name}" if i + 1 < len(tiers) else "prefilling it locally"
                     logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
-                else:
-                    self.serving.prefilled(tier.name)
-                    await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff)
-                    return
+                    continue
+                self.serving.prefilled(tier.name)
+                try:
+                    await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff, early)
+                finally:
+                    if early is not None:
+                        await early.close()
+                return
             self.serving.prefilled("local")
             await self._generate(flow, out, params, ids)
         finally:
             for attempt in flow.attempts:
                 self.board.clear(attempt)
 
+    def _loads_early(self, tier: Tier) -> bool:
+        """Whether the engine takes a request to ``tier`` while prefill runs (kv/early.py)."""
+        return self.early_load and tier.url is None and self.transport is Transport.SHM
+
+    def _start_early(self, flow: Flow, out: "_Output", params: SamplingParams, ids: list[int], slot: Slot) -> "_Early":
+        """Add the request to this engine now, its KV to be loaded from ``slot`` as soon as prefill wrote it."""
+        engine = self._engine_params(out, params, load_params(slot.ref, len(ids), early_wait_s=self.prefill_timeout_s + 5))
+        flow.in_engine = flow.prefilling = True
+        return _Early(self.engine.engine.generate(TokensPrompt(prompt_token_ids=ids), engine, flow.request_id))
+
     async def _continue(
-        self, flow, out, params, ids: list[int], first: list[int], finish: str, first_logprobs, handoff: Handoff
+        self, flow, out, params, ids: list[int], first: list[int], finish: str, first_logprobs, handoff: Handoff,
+        early: "_Early | None" = None,
     ):
         """Send prefill's token at once; unless it ends the generation, this engine goes on.
 
@@ -274,7 +310,10 @@ class LLMModel(EngineModel):
         and is made to pick prefill's token at its first step (first_token.py):
         so its sampler, penalties, grammar and detokenizer are in exactly the
         state of a single engine's. That first step's output is not sent again.
+        ``early``: the engine has the request already (it waits for the first
+        token in the slot's header).
         """
+        flow.prefilling = False
         try:
             text = Continuation(self.engine.engine.get_tokenizer(), flow.request_id, ids, [], params)
             delta = text.update(first, finish == STOP, False)
@@ -289,10 +328,12 @@ class LLMModel(EngineModel):
             if flow.cancelled:
                 raise cancellation()
             sent = _Sent(list(first), delta.text)
-            await self._generate(flow, out, params, ids, handoff=handoff, sent=sent)
+            if early is not None:
+                handoff.slot.give_first_token(first[0])
+            await self._generate(flow, out, params, ids, handoff=handoff, sent=sent, outputs=early and early.stream())
         finally:
-            if not handoff.loaded:  # the engine never started: nobody read the slot
-                self._free(handoff, reuse=bool(finish))
+            if not handoff.loaded:  # the engine never started (or, early, may still read the slot)
+                self._free(handoff, reuse=bool(finish) and early is None)
 
     async def _continue_client_kv(self, flow, req: LLMRequest, params: SamplingParams, sent) -> None:
         """Generate after KV a client sent: ``kv_token_ids`` + ``input_ids`` are the context."""
@@ -313,28 +354,26 @@ class LLMModel(EngineModel):
         handoff: Handoff | None = None,
         sent: "_Sent | None" = None,
         text: Continuation | None = None,
+        outputs: "AsyncIterator | None" = None,
     ) -> None:
         """Stream this engine's tokens for ``prompt``.
 
         ``handoff``: KV for the prompt's leading tokens, in a slot. ``sent``:
         the first token, already sent to the client (forced, then skipped).
-        ``text``: detokenize here rather than in the engine.
+        ``text``: detokenize here rather than in the engine. ``outputs``: the
+        engine's outputs of a request added already (an early load).
         """
-        engine = engine_params(params) if text is not None else params.clone()
-        engine.output_kind = RequestOutputKind.DELTA
-        if not out.req.stream:  # the first output (KV loaded, first token's time) and the last, nothing between
-            engine.stream_interval = max(engine.stream_interval or 1, engine.max_tokens or self.max_model_len)
-        extra = dict(engine.extra_args or {})
-        if handoff is not None:
-            extra["kv_transfer_params"] = load_params(handoff.slot.ref, handoff.num_tokens, handoff.transfer_dtype)
-        if sent is not None:
-            extra[FIRST_TOKEN_KEY] = sent.ids[0]
-        engine.extra_args = extra or None
-        flow.in_engine = True
-        if flow.cancelled:
+        if outputs is None:
+            kv = None if handoff is None else load_params(handoff.slot.ref, handoff.num_tokens, handoff.transfer_dtype)
+            engine = self._engine_params(out, params, kv, None if sent is None else sent.ids[0], text is not None)
+            flow.in_engine = True
+            if flow.cancelled:
+                raise cancellation()
+            outputs = self.engine.engine.generate(TokensPrompt(prompt_token_ids=prompt), engine, flow.request_id)
+        elif flow.cancelled:
             raise cancellation()
         try:
-            async for output in self.engine.engine.generate(TokensPrompt(prompt_token_ids=prompt), engine, flow.request_id):
+            async for output in outputs:
                 if handoff is not None and not handoff.loaded:
                     self._loaded(handoff)
                 completion = output.outputs[0]
@@ -366,9 +405,27 @@ class LLMModel(EngineModel):
             if handoff is not None and not handoff.loaded:
                 self._free(handoff, reuse=False)  # the worker may still read it
 
+    def _engine_params(
+        self, out: "_Output", params: SamplingParams, kv: dict | None, first: int | None = None, detokenize_here: bool = False,
+    ) -> SamplingParams:
+        """The engine's copy of ``params``: deltas, KV to load (``kv``), a first token to force."""
+        engine = engine_params(params) if detokenize_here else params.clone()
+        engine.output_kind = RequestOutputKind.DELTA
+        if not out.req.stream:  # the first output (KV loaded, first token's time) and the last, nothing between
+            engine.stream_interval = max(engine.stream_interval or 1, engine.max_tokens or self.max_model_len)
+        extra = dict(engine.extra_args or {})
+        if kv is not None:
+            extra["kv_transfer_params"] = kv
+        if first is not None:
+            extra[FIRST_TOKEN_KEY] = first
+        engine.extra_args = extra or None
+        return engine
+
     def _free(self, handoff: Handoff, reuse: bool) -> None:
         """Done with a hand-off: its slot back to the pool (``reuse``) or unlinked, its admission freed."""
         handoff.loaded = True
+        if not reuse:
+            handoff.slot.abandon()  # a worker still waiting on it gives up
         (self.slots.release if reuse else self.slots.discard)(handoff.slot)
         if handoff.ticket is not None:
             handoff.tier.admission.release(handoff.ticket)
@@ -391,7 +448,10 @@ class LLMModel(EngineModel):
             await self._refresh_ready(tier)
         return order(candidates)
 
-    async def _prefill(self, tier: Tier, flow: Flow, req: LLMRequest, ids: list[int]) -> tuple[list[int], str, list | None, Handoff]:
+    async def _prefill(
+        self, tier: Tier, flow: Flow, req: LLMRequest, ids: list[int], lent: Callable[[Slot], None] | None = None,
+    ) -> tuple[list[int], str, list | None, Handoff]:
+        """Ask ``tier`` to prefill; ``lent`` is called with the slot lent to it (shm), before the call."""
         if flow.cancelled:
             raise cancellation()
         flow.attempts.append(attempt_id(flow.request_id, len(flow.attempts)))
@@ -413,6 +473,8 @@ class LLMModel(EngineModel):
                 if self.transport is Transport.SHM:
                     slot = self.slots.acquire(kv_bytes)
                     inputs.append(string_tensor(names.KV_SLOT, slot.lend().to_json()))
+                    if lent is not None:
+                        lent(slot)
                 elif self.transfer_dtype != transfer.AUTO:
                     inputs.append(string_tensor(names.KV_DTYPE_INPUT, self.transfer_dtype))
                 reply = await self._call_prefill(tier, flow, inputs)
@@ -438,6 +500,7 @@ class LLMModel(EngineModel):
         except BaseException:
             tier.admission.release(ticket)
             if slot is not None:
+                slot.abandon()  # an early load waiting on it gives up
                 self.slots.discard(slot)  # prefill's worker may still write it
             raise
 
@@ -690,6 +753,28 @@ class LLMModel(EngineModel):
         if req.return_cumulative_logprob:
             tensors.append(pb_utils.Tensor(names.CUMULATIVE_LOGPROB, np.array([out.cumulative], dtype=np.float32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class _Early:
+    """A request added to the engine while prefill runs (kv/early.py): its outputs, the first awaited already."""
+
+    def __init__(self, outputs):
+        self._outputs = outputs
+        self._first = asyncio.ensure_future(outputs.__anext__())  # adds the request now
+
+    async def stream(self):
+        yield await self._first
+        async for output in self._outputs:
+            yield output
+
+    async def close(self) -> None:
+        """Abort the request in the engine if it still runs (vLLM's generate does, when cancelled or closed)."""
+        self._first.cancel()
+        try:
+            await self._first
+        except (asyncio.CancelledError, StopAsyncIteration, Exception):  # noqa: BLE001 - ending it is all that counts
+            pass
+        await self._outputs.aclose()
 
 
 def _settle(future: asyncio.Future, value, exc: BaseException | None) -> None:

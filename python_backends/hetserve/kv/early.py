@@ -1,0 +1,141 @@
+"""Early loads: the decode engine holds a request while prefill still writes its KV.
+
+``llm`` adds its decode request to its engine when it asks ``prefill`` for
+the prompt, not after prefill has answered. The connector tells vLLM the
+request's KV arrives asynchronously (``get_num_new_matched_tokens`` returns
+``load_kv_async``): vLLM allocates its blocks, parks it in
+``WAITING_FOR_REMOTE_KVS`` and goes on with its other requests. At every step
+the worker looks at each parked request's slot (:meth:`EarlyLoads.advance`):
+once prefill's worker has stamped it, the worker scatters the KV into the
+request's blocks, in that step, on its own threads; once ``llm`` has written
+prefill's first token into the slot's header, the load is done
+(``get_transfer_results``), the token is left for ``ForceFirstToken``
+(first_token.py), and vLLM schedules the request. So the hand-off from gather
+to scatter no longer waits for prefill's engine to finish its step, the BLS
+reply, llm's loop and the decode engine to take a new request.
+
+An engine with nothing but parked requests steps anyway, 1 ms apart; each
+such step costs two processes CPU that the prefill being waited for needs.
+The scheduler side (:func:`movable`) therefore holds an idle step back, up to
+a few milliseconds, until a parked request's slot has something for the
+worker to do.
+
+A load ends failed, never raising into vLLM, when the slot does not hold the
+request's KV, when ``llm`` abandons the lending (prefill failed or the
+request finished early: the header's ABANDONED), when vLLM finished the
+request (aborted), or after ``early_wait_s``. vLLM frees a parked request's
+blocks only once its load is reported ended, so the worker never writes into
+blocks another request owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from hetserve.kv.slots import Field, SlotError, first_token, header, written_tokens
+
+if TYPE_CHECKING:
+    import torch
+
+    from hetserve.kv.connector import TransferSpec
+
+logger = logging.getLogger(__name__)
+
+# (slot path, nonce) -> the first token llm wrote for it; ForceFirstToken takes it (the worker's process).
+FIRST_TOKENS: dict[tuple[str, int], int] = {}
+
+
+def movable(head: "torch.Tensor", nonce: int) -> bool:
+    """Whether a parked request's slot (its ``head``er) lets the worker move its load on now."""
+    if int(head[Field.ABANDONED]):
+        return True
+    if not int(head[Field.SCATTER_END_NS]):
+        return written_tokens(head, nonce) is not None  # stamped, not yet scattered
+    return first_token(head) is not None
+
+
+class _GaveUp(Exception):
+    """A load that ends without the KV, through nobody's fault (abandoned, aborted)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    spec: "TransferSpec"
+    deadline: float
+    scattered: bool = False
+
+
+class EarlyLoads:
+    """The worker's parked loads.
+
+    ``scatter(spec)`` copies the KV of a stamped slot into the spec's blocks;
+    ``mapping(path, nbytes)`` maps a slot.
+    """
+
+    def __init__(self, scatter: Callable[["TransferSpec"], None], mapping: Callable[[str, int], "torch.Tensor"]):
+        self._scatter = scatter
+        self._mapping = mapping
+        self._pending: dict[str, _Pending] = {}
+        # loaded: request -> its FIRST_TOKENS key, until the step that computes the prompt's last token
+        self._ok: dict[str, tuple[str, int]] = {}
+
+    def add(self, spec: "TransferSpec") -> None:
+        self._pending[spec.req_id] = _Pending(spec, time.monotonic() + (spec.wait_s or 0.0))
+
+    def advance(self, aborted: set[str]) -> tuple[set[str], set[str]]:
+        """Move every parked load on as far as its slot allows: the loads that ended (all, failed)."""
+        for req_id in aborted:
+            key = self._ok.pop(req_id, None)  # finished before its first step
+            if key is not None:
+                FIRST_TOKENS.pop(key, None)
+        finished, failed = set(), set()
+        for req_id, pending in list(self._pending.items()):
+            try:
+                if req_id in aborted:
+                    raise _GaveUp("aborted")
+                if not self._move(pending):
+                    continue
+            except _GaveUp as why:
+                logger.info("early KV load for request %s: %s", req_id, why)
+                failed.add(req_id)
+            except Exception as exc:  # noqa: BLE001 - fail the request, not the engine
+                logger.warning("early KV load for request %s failed: %s", req_id, exc)
+                failed.add(req_id)
+            del self._pending[req_id]
+            finished.add(req_id)
+        return finished, failed
+
+    def loaded(self, req_id: str) -> bool:
+        """Whether ``req_id``'s KV was loaded (asked once, by the step that computes its last prompt token)."""
+        return self._ok.pop(req_id, None) is not None
+
+    def _move(self, pending: _Pending) -> bool:
+        """Whether the load is done (its first token kept); raises if it cannot be."""
+        spec = pending.spec
+        head = header(self._mapping(spec.path, spec.capacity))
+        if int(head[Field.ABANDONED]):
+            raise _GaveUp("abandoned by its caller")
+        if not pending.scattered:
+            written = written_tokens(head, spec.nonce)
+            if written is None:
+                return self._in_time(pending)
+            if written < spec.num_tokens:
+                raise SlotError(f"slot {spec.path} holds {written} tokens, expected {spec.num_tokens}")
+            self._scatter(spec)
+            pending.scattered = True
+        token = first_token(head)
+        if token is None:
+            return self._in_time(pending)
+        key = (spec.path, spec.nonce)
+        FIRST_TOKENS[key] = token
+        self._ok[spec.req_id] = key
+        return True
+
+    @staticmethod
+    def _in_time(pending: _Pending) -> bool:
+        if time.monotonic() > pending.deadline:
+            raise SlotError(f"slot {pending.spec.path} was not complete within {pending.spec.wait_s:g} s")
+        return False
