@@ -22,7 +22,8 @@ Contract (which side calls what):
   blocks; ``request_finished`` returns ``{"hetserve": {"num_tokens": T}}`` for
   a saved request, which reaches the caller as ``RequestOutput.kv_transfer_params``.
 * Worker side (the process that owns the paged cache): does the copies, once
-  per KV byte, synchronously (a load before the forward pass, a save after it).
+  per KV byte, synchronously (a load before the forward pass, a save after it;
+  an early load in the first step after its slot was stamped).
   A failed copy never raises into vLLM (that would kill the engine): a failed
   load reports the request's blocks (``get_block_ids_with_load_errors``), and
   vLLM fails that request alone; a failed save leaves the slot unstamped, and
