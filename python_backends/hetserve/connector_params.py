@@ -8,6 +8,7 @@ from hetserve.kv.slots import SlotRef
 from hetserve.kv.transfer import AUTO
 
 PARAMS_KEY = "hetserve"
+EARLY_WAIT_KEY = "early_wait_s"  # a load's params with it: an early load (kv/early.py)
 
 
 def _params(ref: SlotRef, dtype: str, **more: Any) -> dict[str, Any]:
@@ -31,4 +32,4 @@ def load_params(ref: SlotRef, num_tokens: int, dtype: str = AUTO, early_wait_s: 
     """
     if early_wait_s is None:
         return _params(ref, dtype, num_tokens=num_tokens)
-    return _params(ref, dtype, num_tokens=num_tokens, early_wait_s=float(early_wait_s))
+    return _params(ref, dtype, num_tokens=num_tokens, **{EARLY_WAIT_KEY: float(early_wait_s)})

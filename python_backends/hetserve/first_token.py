@@ -25,7 +25,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from hetserve.connector_params import PARAMS_KEY
+from hetserve.connector_params import EARLY_WAIT_KEY, PARAMS_KEY
 
 FIRST_TOKEN_KEY = "hetserve_first_token"
 
@@ -72,6 +72,6 @@ def _early_token(extra: dict) -> int | None:
     from hetserve.kv.early import FIRST_TOKENS
 
     params = (extra.get("kv_transfer_params") or {}).get(PARAMS_KEY) or {}
-    if "early_wait_s" not in params:
+    if EARLY_WAIT_KEY not in params:
         return None
     return FIRST_TOKENS.pop((params["slot"], int(params["nonce"])), None)

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-from hetserve.connector_params import PARAMS_KEY
+from hetserve.connector_params import EARLY_WAIT_KEY, PARAMS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class HetserveConnector(KVConnectorBase_V1):
             return 0, False
         # A load may not cover the whole prompt (the scheduler needs one token
         # to compute); callers send the KV's tokens plus at least one.
-        return min(int(params["num_tokens"]), request.num_prompt_tokens - 1), "early_wait_s" in params
+        return min(int(params["num_tokens"]), request.num_prompt_tokens - 1), EARLY_WAIT_KEY in params
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens <= 0:
@@ -174,8 +174,8 @@ class HetserveConnector(KVConnectorBase_V1):
             num_external_tokens,
             str(params.get("dtype", transfer.AUTO)),
         )
-        if "early_wait_s" in params:  # parked now: its blocks are known now, not when it is scheduled
-            spec.wait_s = float(params["early_wait_s"])
+        if EARLY_WAIT_KEY in params:  # parked now: its blocks are known now, not when it is scheduled
+            spec.wait_s = float(params[EARLY_WAIT_KEY])
             spec.block_ids = list(blocks.get_block_ids()[0])
             self._early_to_start[request.request_id] = spec
         else:

@@ -16,9 +16,9 @@ reply, llm's loop and the decode engine to take a new request.
 
 An engine with nothing but parked requests steps anyway, 1 ms apart; each
 such step costs two processes CPU that the prefill being waited for needs.
-The scheduler side (:func:`movable`) therefore holds an idle step back, up to
-a few milliseconds, until a parked request's slot has something for the
-worker to do.
+The scheduler side (:func:`movable`) therefore holds an idle step back, up
+to ``IDLE_WAIT_S`` (kv/connector.py, 20 ms), until a parked request's slot has
+something for the worker to do.
 
 A load ends failed, never raising into vLLM, when the slot does not hold the
 request's KV, when ``llm`` abandons the lending (prefill failed or the
