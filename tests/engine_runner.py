@@ -50,7 +50,14 @@ class EngineProcess:
             raise
 
     def generate(self, requests: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, Any]]:
+        self.submit(requests)
+        return self.result(timeout)
+
+    def submit(self, requests: list[dict[str, Any]]) -> None:
+        """Start a batch; ``result`` waits for its outputs (the caller may act on the engine meanwhile)."""
         self._conn.send(requests)
+
+    def result(self, timeout: float = 600) -> list[dict[str, Any]]:
         return self._receive(timeout)
 
     def _receive(self, timeout: float):

@@ -5,7 +5,8 @@ CPU_ATTN paged cache by the converter) must equal the ``past_key_values`` that
 HF transformers computes for the same prompt on the same checkpoint, for every
 prompt token: the partial last block included, and with the prompt split over
 several scheduler steps (chunked prefill); copied at the end of the step
-(kv_save "all") and layer by layer as vLLM runs each (kv_save "layer"). Asked
+(kv_save "all") and layer by layer as vLLM runs each (kv_save "layer", which
+publishes its progress in the slot's header). Asked
 for a transfer dtype (int8, fp8_e4m3), the worker encodes as it saves: the slot
 decodes to that KV within the dtype's stated bound (kv/transfer.py).
 """
@@ -16,7 +17,7 @@ import torch
 from engine_runner import run_engine
 from hetserve.connector_params import save_params
 from hetserve.kv import transfer
-from hetserve.kv.slots import SlotPool
+from hetserve.kv.slots import Field, SlotPool
 from hetserve.kv.format import ModelFingerprint
 
 LENGTHS = [1, 127, 128, 129, 600]
@@ -60,6 +61,9 @@ def saved_kv(request, engine_args, tmp_path_factory):
         assert ("KV saved layer by layer" in log) == (request.param == "layer")
         assert "layers saved layer by layer; copying all of them now" not in log
         assert all(slot.complete(len(ids)) for ids, slot in zip(prompts, slots))  # stamped after the copy
+        # Layer by layer, each group of layers was published for an early reader (kv/early.py) as it landed.
+        published = [int(slot.header[Field.LAYERS_WRITTEN]) for slot in slots]
+        assert published == [fp.num_layers if request.param == "layer" else 0] * len(slots)
         assert all(slot.complete(LENGTHS[-1]) for slot in encoded.values())
         saved = [slot.kv(torch.float32, fp.kv_shape(len(ids))).clone() for ids, slot in zip(prompts, slots)]
         shape = fp.kv_shape(LENGTHS[-1])

@@ -19,7 +19,11 @@ the decode request and decode's engine scheduling it.
 ``--kv-save all,layer`` runs the whole series once per way prefill's connector
 saves the KV (every layer at the end of the step, or each layer as vLLM
 finishes it; a server per way, one after the other in the same run) and adds
-the time to first token, streamed over gRPC, to each row.
+the time to first token, streamed over gRPC, to each row. Layer by layer with
+``kv_load early``, llm's worker scatters the layers already written while
+prefill computes the rest: gather and scatter are each side's copying, the
+hand-off ends at the last scatter, and "between" is negative by the part of
+the scatter that ran before the gather ended.
 
 ``--kv-load early,after`` runs it once per way ``llm`` loads the KV (its
 engine waits for the KV while prefill runs and loads it as soon as it is

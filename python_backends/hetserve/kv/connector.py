@@ -23,7 +23,8 @@ Contract (which side calls what):
   a saved request, which reaches the caller as ``RequestOutput.kv_transfer_params``.
 * Worker side (the process that owns the paged cache): does the copies, once
   per KV byte, synchronously (a load before the forward pass, a save after it;
-  an early load in the first step after its slot was stamped).
+  an early load in the first step after its slot was stamped, or layer by
+  layer as a layer-wise writer publishes them: kv/early.py).
   A failed copy never raises into vLLM (that would kill the engine): a failed
   load reports the request's blocks (``get_block_ids_with_load_errors``), and
   vLLM fails that request alone; a failed save leaves the slot unstamped, and
@@ -134,7 +135,7 @@ class HetserveConnector(KVConnectorBase_V1):
         self._device: DeviceSaver | None = None  # pages on a GPU: saves go through a side stream
         self._load_errors: set[int] = set()
         self._recomputed: list[TransferSpec] = []  # loaded in this step, the slot holding more than was loaded
-        self._early = EarlyLoads(self._load, lambda path, nbytes: self._maps.get(path, nbytes))
+        self._early = EarlyLoads(self._scatter_layers, lambda path, nbytes: self._maps.get(path, nbytes))
         self._headers = MappingCache()  # scheduler side: the parked requests' slot headers
 
     # ---------------------------------------------------------------- scheduler
@@ -308,12 +309,23 @@ class HetserveConnector(KVConnectorBase_V1):
 
     def _load(self, spec: TransferSpec) -> None:
         """Copy the slot's KV (its first ``spec.count`` tokens) into the request's blocks."""
-        head, payload, scales = self._slot(spec)
+        head = self._slot(spec)[0]
         if (written_tokens(head, spec.nonce) or 0) < spec.num_tokens:
             raise SlotError(f"slot {spec.path} does not hold this request's KV")
         head[Field.SCATTER_START_NS] = now_ns()
-        transfer.scatter_decoded(self._pages, payload, scales, spec.dtype, self._layers, spec.block_ids)
+        self._scatter_layers(spec, 0, None)
         head[Field.SCATTER_END_NS] = now_ns()
+
+    def _scatter_layers(self, spec: TransferSpec, start: int, stop: int | None) -> None:
+        """Copy layers ``start:stop`` of the slot's KV (its first ``spec.count`` tokens) into the request's blocks."""
+        _, payload, scales = self._slot(spec)
+        layers = slice(start, stop)
+        if not self._layers[layers]:
+            return
+        transfer.scatter_decoded(
+            self._pages, payload[layers], None if scales is None else scales[layers], spec.dtype,
+            self._layers[layers], spec.block_ids,
+        )
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         """Early loads that ended; a failed one is also finished (vLLM then fails or frees its request)."""
@@ -331,9 +343,12 @@ class HetserveConnector(KVConnectorBase_V1):
         """kv_save "layer": copy this layer out as soon as vLLM has run its attention.
 
         On a GPU the copy of layer i is queued on a side stream and overlaps the
-        compute of the layers after it (kv/device_save.py); on the CPU it runs in
-        between, on the same threads. With kv_save "all" every layer is copied
-        at once in ``wait_for_save``.
+        compute of the layers after it (kv/device_save.py). On the CPU the copies
+        run in between, on the same threads, a group of layers at a time (as
+        many as the converter has threads: it splits a copy by layer), and each
+        group, once in the slot, is published in its header for an early reader
+        (kv/early.py). With kv_save "all" every layer is copied at once in
+        ``wait_for_save``.
         """
         if self._save_mode != SAVE_LAYER:
             return
@@ -342,16 +357,26 @@ class HetserveConnector(KVConnectorBase_V1):
         i = self._position.get(layer_name)
         if i is None or not meta.saves:
             return
+        first = i
+        if self._device is None:
+            group = max(torch.get_num_threads(), 1)
+            if (i + 1) % group and i + 1 < len(self._layers):
+                return  # the group is not complete yet (layers run in order)
+            first = i - i % group
+        layers = slice(first, i + 1)
         for spec in meta.saves:
             try:
-                _, payload, scales = self._slot(spec)
+                head, payload, scales = self._slot(spec)
                 start = now_ns()
-                self._save(self._layers[i : i + 1], spec, payload[i : i + 1], None if scales is None else scales[i : i + 1])
+                self._save(self._layers[layers], spec, payload[layers], None if scales is None else scales[layers])
                 done = self._by_layer.setdefault(spec.req_id, [0, 0])
-                done[0] += 1
+                done[0] += i + 1 - first
                 done[1] += now_ns() - start
+                if self._device is None and done[0] == i + 1:  # layers 0..i are in the slot (a GPU's are only queued)
+                    head[Field.NUM_TOKENS] = spec.num_tokens
+                    head[Field.LAYERS_WRITTEN] = i + 1  # an early reader may scatter them now (kv/early.py)
             except Exception as exc:  # noqa: BLE001 - wait_for_save copies every layer again
-                logger.warning("KV save of layer %s for request %s failed: %s", layer_name, spec.req_id, exc)
+                logger.warning("KV save of layers %d-%d for request %s failed: %s", first, i, spec.req_id, exc)
 
     def _restore_recomputed(self) -> None:
         """Write the slot's KV back over the prompt tokens this step computed itself.

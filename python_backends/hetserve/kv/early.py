@@ -12,13 +12,18 @@ prefill's first token into the slot's header, the load is done
 (``get_transfer_results``), the token is left for ``ForceFirstToken``
 (first_token.py), and vLLM schedules the request. So the hand-off from gather
 to scatter no longer waits for prefill's engine to finish its step, the BLS
-reply, llm's loop and the decode engine to take a new request.
+reply, llm's loop and the decode engine to take a new request. A layer-wise
+writer (prefill's ``kv_save`` "layer", CPU pages) publishes the layers it has
+finished before its stamp (the header's NUM_TOKENS, then LAYERS_WRITTEN); the
+worker scatters those at each step while prefill computes the rest, and the
+remainder once the slot is stamped.
 
 An engine with nothing but parked requests steps anyway, 1 ms apart; each
 such step costs two processes CPU that the prefill being waited for needs.
 The scheduler side (:func:`movable`) therefore holds an idle step back, up
 to ``IDLE_WAIT_S`` (kv/connector.py, 20 ms), until a parked request's slot has
-something for the worker to do.
+something for the worker to do (stamped, ``LAYERS_PER_IDLE_STEP`` published
+layers waiting, the first token written, abandoned).
 
 A load ends failed, never raising into vLLM, when the slot does not hold the
 request's KV, when ``llm`` abandons the lending (prefill failed or the
@@ -35,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from hetserve.kv.slots import Field, SlotError, first_token, header, written_tokens
+from hetserve.kv.slots import Field, SlotError, first_token, header, now_ns, written_layers, written_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -48,12 +53,18 @@ logger = logging.getLogger(__name__)
 FIRST_TOKENS: dict[tuple[str, int], int] = {}
 
 
+# An idle engine's step is let go for a layer-wise writer's progress once this many layers wait to be read.
+LAYERS_PER_IDLE_STEP = 8
+
+
 def movable(head: "torch.Tensor", nonce: int) -> bool:
     """Whether a parked request's slot (its ``head``er) lets the worker move its load on now."""
     if int(head[Field.ABANDONED]):
         return True
     if not int(head[Field.SCATTER_END_NS]):
-        return written_tokens(head, nonce) is not None  # stamped, not yet scattered
+        if written_tokens(head, nonce) is not None:  # stamped, not yet scattered
+            return True
+        return int(head[Field.LAYERS_WRITTEN]) - int(head[Field.LAYERS_READ]) >= LAYERS_PER_IDLE_STEP
     return first_token(head) is not None
 
 
@@ -65,17 +76,22 @@ class _GaveUp(Exception):
 class _Pending:
     spec: "TransferSpec"
     deadline: float
+    layers: int = 0  # leading layers scattered (a layer-wise writer's, before its stamp)
+    copy_ns: int = 0  # time spent scattering them
     scattered: bool = False
 
 
 class EarlyLoads:
     """The worker's parked loads.
 
-    ``scatter(spec)`` copies the KV of a stamped slot into the spec's blocks;
-    ``mapping(path, nbytes)`` maps a slot.
+    ``scatter(spec, start, stop)`` copies layers ``start:stop`` (``stop`` None:
+    to the last) of a slot's KV into the spec's blocks; ``mapping(path,
+    nbytes)`` maps a slot.
     """
 
-    def __init__(self, scatter: Callable[["TransferSpec"], None], mapping: Callable[[str, int], "torch.Tensor"]):
+    def __init__(
+        self, scatter: Callable[["TransferSpec", int, int | None], None], mapping: Callable[[str, int], "torch.Tensor"],
+    ):
         self._scatter = scatter
         self._mapping = mapping
         self._pending: dict[str, _Pending] = {}
@@ -120,11 +136,18 @@ class EarlyLoads:
             raise _GaveUp("abandoned by its caller")
         if not pending.scattered:
             written = written_tokens(head, spec.nonce)
-            if written is None:
+            if written is None:  # not stamped: the layers a layer-wise writer finished, if any
+                ready = written_layers(head, spec.num_tokens)
+                if ready > pending.layers:
+                    self._copy(pending, ready)
+                    head[Field.LAYERS_READ] = ready
                 return self._in_time(pending)
             if written < spec.num_tokens:
                 raise SlotError(f"slot {spec.path} holds {written} tokens, expected {spec.num_tokens}")
-            self._scatter(spec)
+            end = self._copy(pending, None)
+            # Like a layer-wise gather's: the copying, ending now (earlier layers were read while prefill computed).
+            head[Field.SCATTER_START_NS] = end - pending.copy_ns
+            head[Field.SCATTER_END_NS] = end
             pending.scattered = True
         token = first_token(head)
         if token is None:
@@ -133,6 +156,16 @@ class EarlyLoads:
         FIRST_TOKENS[key] = token
         self._ok[spec.req_id] = key
         return True
+
+    def _copy(self, pending: _Pending, stop: int | None) -> int:
+        """Scatter the layers from ``pending.layers`` to ``stop``; the time it ended (ns)."""
+        start = now_ns()
+        self._scatter(pending.spec, pending.layers, stop)
+        end = now_ns()
+        pending.copy_ns += end - start
+        if stop is not None:
+            pending.layers = stop
+        return end
 
     @staticmethod
     def _in_time(pending: _Pending) -> bool:

@@ -67,6 +67,12 @@ class Field(IntEnum):
     # the load on either.
     FIRST_TOKEN = 6
     ABANDONED = 7
+    # A layer-wise writer (prefill's kv_save "layer") publishes its progress
+    # before the stamp: NUM_TOKENS first, then after each layer's copy the number
+    # of leading layers complete; an early reader scatters those while prefill
+    # computes the rest, and counts the layers it has read (for the scheduler).
+    LAYERS_WRITTEN = 8
+    LAYERS_READ = 9
 
 
 class SlotError(RuntimeError):
@@ -109,6 +115,14 @@ def first_token(head: torch.Tensor) -> int | None:
     """The first token the caller wrote for an early load, or None if not yet."""
     value = int(head[Field.FIRST_TOKEN])
     return value - 1 if value > 0 else None
+
+
+def written_layers(head: torch.Tensor, num_tokens: int) -> int:
+    """How many leading layers of ``num_tokens`` tokens a layer-wise writer completed (before its stamp).
+
+    The header is zeroed at each lending, so a count here is this lending's.
+    """
+    return int(head[Field.LAYERS_WRITTEN]) if int(head[Field.NUM_TOKENS]) == num_tokens else 0
 
 
 def written_tokens(head: torch.Tensor, nonce: int) -> int | None:
