@@ -80,6 +80,7 @@ def test_an_early_load_continues_like_one_engine_and_failures_stay_with_their_re
     assert other["token_ids"][0] == first and other["token_ids"] != reference
     assert (abandoned["finish_reason"], unwritten["finish_reason"]) == ("error", "error")
     assert "abandoned by its caller" in log and "was not complete within 2 s" in log
+    assert "an idle step waits for a parked slot or the EngineCore" in log  # and ends when a request comes in
     assert plain["token_ids"] == reference
 
 

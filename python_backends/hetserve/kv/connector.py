@@ -37,7 +37,6 @@ loads a request's KV at most once: after a preemption vLLM recomputes it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +52,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from hetserve import setup_logging
 from hetserve.kv import cpu_attn, flash, transfer
 from hetserve.kv.device_save import DeviceSaver
-from hetserve.kv.early import EarlyLoads, movable
+from hetserve.kv.early import EarlyLoads, engine_inputs, hold_idle, layers_per_idle_step
 from hetserve.kv.slots import HEADER_BYTES, Field, MappingCache, SlotError, header, now_ns, stamp, written_tokens
 
 if TYPE_CHECKING:
@@ -112,6 +111,7 @@ class _Saving:
 class HetserveConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
+        setup_logging()  # in vLLM's EngineCore (scheduler side) or worker process
         cfg = self._kv_transfer_config
         self._producer = cfg.is_kv_producer
         self._consumer = cfg.is_kv_consumer
@@ -137,6 +137,10 @@ class HetserveConnector(KVConnectorBase_V1):
         self._recomputed: list[TransferSpec] = []  # loaded in this step, the slot holding more than was loaded
         self._early = EarlyLoads(self._scatter_layers, lambda path, nbytes: self._maps.get(path, nbytes))
         self._headers = MappingCache()  # scheduler side: the parked requests' slot headers
+        self._inputs: Any = False  # scheduler side: the EngineCore's input queue (None: not found; False: not looked for)
+        self._layers_per_idle_step = layers_per_idle_step(
+            vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        )
 
     # ---------------------------------------------------------------- scheduler
 
@@ -223,18 +227,17 @@ class HetserveConnector(KVConnectorBase_V1):
         return meta
 
     def _hold_idle_step(self) -> None:
-        """A step that computes nothing, only parked requests waiting: wait (at most IDLE_WAIT_S) until one can move."""
-        deadline = time.monotonic() + IDLE_WAIT_S
-        while True:
-            for spec in self._early_started.values():
-                try:
-                    if movable(header(self._headers.get(spec.path, HEADER_BYTES)), spec.nonce):
-                        return
-                except SlotError:
-                    return  # the worker fails it
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(IDLE_POLL_S)
+        """A step that computes nothing, only parked requests waiting: hold it back until one can move (kv/early.py)."""
+        if self._inputs is False:  # looked for once: the EngineCore calls the scheduler that calls this
+            self._inputs = engine_inputs()
+
+        def headers():
+            return (
+                (header(self._headers.get(spec.path, HEADER_BYTES)), spec.nonce, spec.num_tokens)
+                for spec in self._early_started.values()
+            )
+
+        hold_idle(headers, self._inputs, self._layers_per_idle_step, IDLE_WAIT_S, IDLE_POLL_S)
 
     @staticmethod
     def _maybe_save(saving: _Saving, meta: HetserveConnectorMetadata) -> None:
@@ -257,7 +260,6 @@ class HetserveConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------- worker
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        setup_logging()  # this runs in vLLM's worker process
         ordered = sorted(kv_caches.items(), key=lambda item: extract_layer_index(item[0]))
         self._layers = [tensor for _, tensor in ordered]
         self._position = {name: i for i, (name, _) in enumerate(ordered)}
@@ -357,13 +359,11 @@ class HetserveConnector(KVConnectorBase_V1):
         i = self._position.get(layer_name)
         if i is None or not meta.saves:
             return
-        first = i
-        if self._device is None:
-            group = max(torch.get_num_threads(), 1)
-            if (i + 1) % group and i + 1 < len(self._layers):
-                return  # the group is not complete yet (layers run in order)
-            first = i - i % group
-        layers = slice(first, i + 1)
+        # A GPU queues each layer's copy; the CPU copies as many layers at a time as the converter has threads.
+        layers = layer_group(i, len(self._layers), 1 if self._device is not None else torch.get_num_threads())
+        if layers is None:
+            return
+        first = layers.start
         for spec in meta.saves:
             try:
                 head, payload, scales = self._slot(spec)
@@ -423,7 +423,10 @@ class HetserveConnector(KVConnectorBase_V1):
                 head, payload, scales = self._slot(spec)
                 start = now_ns()
                 if not by_layer:  # kv_save "all", or a layer-wise save that missed a layer
-                    self._save(self._layers, spec, payload, scales)
+                    # (not the layers already published: an early reader may be reading them)
+                    rest = slice(int(head[Field.LAYERS_WRITTEN]) if self._device is None else 0, None)
+                    if self._layers[rest]:
+                        self._save(self._layers[rest], spec, payload[rest], None if scales is None else scales[rest])
                 if self._device is not None:
                     self._device.finish()  # the queued device->host copies are in the slot
                 end = now_ns()
@@ -444,6 +447,15 @@ class HetserveConnector(KVConnectorBase_V1):
             self._device.save(layers, spec.block_ids, payload, scales, spec.dtype)
         else:
             transfer.gather_encoded(self._pages, layers, spec.block_ids, payload, scales, spec.dtype)
+
+
+def layer_group(i: int, num_layers: int, size: int) -> slice | None:
+    """The layers to copy once layer ``i`` of ``num_layers`` has run (they run in order), in groups of
+    ``size``: the group that ``i`` completes, or None while it is not complete."""
+    size = max(size, 1)
+    if (i + 1) % size and i + 1 < num_layers:
+        return None
+    return slice(i - i % size, i + 1)
 
 
 def converter(backend: str):

@@ -22,8 +22,9 @@ An engine with nothing but parked requests steps anyway, 1 ms apart; each
 such step costs two processes CPU that the prefill being waited for needs.
 The scheduler side (:func:`movable`) therefore holds an idle step back, up
 to ``IDLE_WAIT_S`` (kv/connector.py, 20 ms), until a parked request's slot has
-something for the worker to do (stamped, ``LAYERS_PER_IDLE_STEP`` published
-layers waiting, the first token written, abandoned).
+something for the worker to do (stamped, a quarter of the model's layers (at
+most 8) published and not yet read, the first token written, abandoned) or a new request or an
+abort reaches the engine (:func:`hold_idle`).
 
 A load ends failed, never raising into vLLM, when the slot does not hold the
 request's KV, when ``llm`` abandons the lending (prefill failed or the
@@ -36,9 +37,11 @@ blocks another request owns.
 from __future__ import annotations
 
 import logging
+import queue
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from hetserve.kv.slots import Field, SlotError, first_token, header, now_ns, written_layers, written_tokens
 
@@ -53,19 +56,61 @@ logger = logging.getLogger(__name__)
 FIRST_TOKENS: dict[tuple[str, int], int] = {}
 
 
-# An idle engine's step is let go for a layer-wise writer's progress once this many layers wait to be read.
-LAYERS_PER_IDLE_STEP = 8
+def layers_per_idle_step(num_layers: int) -> int:
+    """How many published layers let an idle engine's step go: a quarter of the model's, 1 to 8."""
+    return max(1, min(8, num_layers // 4))
 
 
-def movable(head: "torch.Tensor", nonce: int) -> bool:
+def movable(head: "torch.Tensor", nonce: int, num_tokens: int, layers_per_step: int) -> bool:
     """Whether a parked request's slot (its ``head``er) lets the worker move its load on now."""
     if int(head[Field.ABANDONED]):
         return True
     if not int(head[Field.SCATTER_END_NS]):
         if written_tokens(head, nonce) is not None:  # stamped, not yet scattered
             return True
-        return int(head[Field.LAYERS_WRITTEN]) - int(head[Field.LAYERS_READ]) >= LAYERS_PER_IDLE_STEP
+        return written_layers(head, num_tokens) - int(head[Field.LAYERS_READ]) >= layers_per_step
     return first_token(head) is not None
+
+
+def hold_idle(headers: Callable[[], Iterable[tuple["torch.Tensor", int, int]]], inputs: "queue.Queue | None",
+              layers_per_step: int, wait_s: float, poll_s: float) -> None:
+    """Hold back an engine step that has nothing to compute but parked requests.
+
+    Returns once a parked slot is :func:`movable` (``headers()``: each parked
+    request's slot header, nonce and token count), the engine's ``inputs`` queue holds
+    something (a new request, an abort: the next step should see it), or after
+    ``wait_s``; looks every ``poll_s``. A slot that cannot be read ends the wait
+    (the worker fails its request).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if any(movable(head, nonce, tokens, layers_per_step) for head, nonce, tokens in headers()):
+                return
+        except SlotError:
+            return
+        if (inputs is not None and not inputs.empty()) or time.monotonic() >= deadline:
+            return
+        time.sleep(poll_s)
+
+
+def engine_inputs() -> "queue.Queue | None":
+    """The input queue of the vLLM EngineCore whose scheduler is calling, found up the call stack; None if not.
+
+    vLLM gives a KV connector no handle on its engine; the EngineCore's busy
+    loop (``run_busy_loop`` -> ``step`` -> the scheduler -> the connector) holds
+    its ``input_queue``, where new requests and aborts wait for the next step.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        inputs = getattr(owner, "input_queue", None)
+        if isinstance(inputs, queue.Queue):
+            logger.info("early loads: an idle step waits for a parked slot or the %s's next input", type(owner).__name__)
+            return inputs
+        frame = frame.f_back
+    logger.info("no vLLM EngineCore input queue up the stack: an idle step with parked requests waits its full bound")
+    return None
 
 
 class _GaveUp(Exception):
