@@ -363,20 +363,19 @@ class HetserveConnector(KVConnectorBase_V1):
         layers = layer_group(i, len(self._layers), 1 if self._device is not None else torch.get_num_threads())
         if layers is None:
             return
-        first = layers.start
         for spec in meta.saves:
             try:
                 head, payload, scales = self._slot(spec)
                 start = now_ns()
                 self._save(self._layers[layers], spec, payload[layers], None if scales is None else scales[layers])
                 done = self._by_layer.setdefault(spec.req_id, [0, 0])
-                done[0] += i + 1 - first
+                done[0] += layers.stop - layers.start
                 done[1] += now_ns() - start
                 if self._device is None and done[0] == i + 1:  # layers 0..i are in the slot (a GPU's are only queued)
                     head[Field.NUM_TOKENS] = spec.num_tokens
                     head[Field.LAYERS_WRITTEN] = i + 1  # an early reader may scatter them now (kv/early.py)
             except Exception as exc:  # noqa: BLE001 - wait_for_save copies every layer again
-                logger.warning("KV save of layers %d-%d for request %s failed: %s", first, i, spec.req_id, exc)
+                logger.warning("KV save of layers %d-%d for request %s failed: %s", layers.start, i, spec.req_id, exc)
 
     def _restore_recomputed(self) -> None:
         """Write the slot's KV back over the prompt tokens this step computed itself.

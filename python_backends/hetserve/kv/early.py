@@ -22,9 +22,9 @@ An engine with nothing but parked requests steps anyway, 1 ms apart; each
 such step costs two processes CPU that the prefill being waited for needs.
 The scheduler side (:func:`movable`) therefore holds an idle step back, up
 to ``IDLE_WAIT_S`` (kv/connector.py, 20 ms), until a parked request's slot has
-something for the worker to do (stamped, a quarter of the model's layers (at
-most 8) published and not yet read, the first token written, abandoned) or a new request or an
-abort reaches the engine (:func:`hold_idle`).
+something for the worker to do (stamped; a quarter of the model's layers, at
+most 8, published and not yet read; the first token written; abandoned) or a
+new request or an abort reaches the engine (:func:`hold_idle`).
 
 A load ends failed, never raising into vLLM, when the slot does not hold the
 request's KV, when ``llm`` abandons the lending (prefill failed or the
@@ -77,10 +77,10 @@ def hold_idle(headers: Callable[[], Iterable[tuple["torch.Tensor", int, int]]], 
     """Hold back an engine step that has nothing to compute but parked requests.
 
     Returns once a parked slot is :func:`movable` (``headers()``: each parked
-    request's slot header, nonce and token count), the engine's ``inputs`` queue holds
-    something (a new request, an abort: the next step should see it), or after
-    ``wait_s``; looks every ``poll_s``. A slot that cannot be read ends the wait
-    (the worker fails its request).
+    request's slot header, nonce and token count), the engine's ``inputs``
+    queue holds something (a new request, an abort: the next step should see
+    it), or after ``wait_s``; looks every ``poll_s``. A slot that cannot be
+    read ends the wait (the worker fails its request).
     """
     deadline = time.monotonic() + wait_s
     while True:
