@@ -23,6 +23,7 @@ server's process tree).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hetserve import names
 from hetserve.bench import offline
 from hetserve.checkpoint import _WORDS
 
@@ -71,13 +73,65 @@ def prompt_count(concurrency: int) -> int:
     return max(concurrency, min(64, 4 * concurrency))
 
 
+async def _streamed_pass(url: str, prompts: list[str], sampling: dict, concurrency: int, model: str) -> int:
+    """One closed-loop pass of streams on one asyncio gRPC channel: ``concurrency`` in flight.
+
+    Each request is its own ModelStreamInfer call, as a client per request
+    would send it, but one thread and one channel carry them all, so the
+    client's own CPU (on the server's cores here) stays small.
+    """
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    from hetserve.bench.streams import grpc_inputs
+
+    client = InferenceServerClient(url)
+    pending = list(reversed(prompts))
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        while pending:
+            prompt = pending.pop()
+
+            async def request():
+                yield {"model_name": model, "inputs": grpc_inputs(prompt, sampling)}
+
+            got = 0
+            async for result, error in client.stream_infer(request()):
+                if error is not None:
+                    raise error
+                ids = result.as_numpy(names.OUTPUT_IDS)
+                got += 0 if ids is None else ids.size
+                if got >= sampling["max_tokens"]:  # ignore_eos: exactly max_tokens each
+                    break
+            tokens += got
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await client.close()
+    return tokens
+
+
 def served_tok_s(
-    url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int, model: str = "llm", stream: bool = True
+    url: str, prompts: list[str], max_tokens: int, concurrency: int, repeats: int, model: str = "llm", stream: bool = True,
+    client: str = "aio",
 ) -> float:
-    """Median tokens/s over ``repeats`` passes; ``url`` is gRPC for streams, HTTP otherwise."""
+    """Median tokens/s over ``repeats`` passes; ``url`` is gRPC for streams, HTTP otherwise.
+
+    Streams go through one asyncio channel (``client="aio"``) or, as before
+    2026-12-01, a thread and a tritonclient channel per stream (``"threads"``).
+    """
     from hetserve_client import generate_http, stream_grpc
 
     sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if stream and client == "aio":
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokens = asyncio.run(_streamed_pass(url, prompts, sampling, concurrency, model))
+            rates.append(tokens / (time.perf_counter() - start))
+        return statistics.median(rates)
 
     def one(prompt: str) -> int:
         if stream:
@@ -138,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measured passes after one warm-up pass")
     parser.add_argument("--stream-only", dest="modes", action="store_const", const=("stream",), default=("stream", "nonstream"),
                         help="measure streamed generation only")
+    parser.add_argument("--client", choices=("aio", "threads"), default="aio",
+                        help="streamed load: one asyncio gRPC channel (default) or a thread and channel per stream")
     parser.add_argument("--url", help="HTTP,gRPC addresses of a running server (default: start one)")
     parser.add_argument("--server-pid", type=int, help="with --url: the launcher's pid, for CPU shares")
     parser.add_argument("--skip-offline", action="store_true")
@@ -149,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
-    from hetserve import names
     from hetserve.cli import _model_parameter, _model_parameters
     from vllm.platforms import current_platform
 
@@ -181,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 url, stream = (grpc_url, True) if mode == "stream" else (http_url, False)
 
                 def load(passes: int) -> float:
-                    return served_tok_s(url, prompts, args.max_tokens, row["concurrency"], passes, model, stream)
+                    return served_tok_s(url, prompts, args.max_tokens, row["concurrency"], passes, model, stream, args.client)
 
                 load(1)  # warm-up pass
                 tok_s, shares = cpu_shares(pid, lambda: load(args.repeats)) if pid else (load(args.repeats), {})
