@@ -133,3 +133,25 @@ def test_long_prompts_move_their_kv_and_short_ones_stay_local(server, expected, 
         remote = n >= 32
         assert moved == (kv_bytes_per_token * n if remote else 0), prompt[:40]
         assert counts == [1, 1, 1] if remote else [0, 0, 0]
+
+
+def test_64_streams_are_exact_while_the_engine_holds_tokens_back(server, reference):
+    """64 streams at once: auto streams 8 tokens per response, held in vLLM's output processor; as
+    streams finish the interval falls for the rest. Every stream is still one engine's, token for token."""
+    from hetserve.bench.throughput import make_prompts
+
+    prompts = make_prompts(64, seed=7)  # 20 to 300 words: local and remote prefills
+    sampling = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    want = reference(prompts, sampling)
+
+    def one(prompt):
+        return list(stream_grpc(server.grpc_url, prompt, sampling))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(one, prompts))
+    for prompt, deltas, w in zip(prompts, got, want):
+        assert [t for d in deltas for t in d.token_ids] == w["token_ids"], prompt[:40]
+        assert "".join(d.text for d in deltas) == w["text"]
+        assert all(d.token_ids for d in deltas) and deltas[-1].finish_reason == "length"
+    responses = sum(len(deltas) for deltas in got)
+    assert responses < 64 * 32 / 2, responses  # coalesced: far fewer responses than tokens

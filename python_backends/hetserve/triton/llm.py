@@ -64,7 +64,7 @@ from hetserve.first_token import FIRST_TOKEN_KEY
 from hetserve.kv.slots import Field, Slot, now_ns
 from hetserve.logprobs import entries, logprob_of
 from hetserve.sampling import parse_json, to_sampling_params
-from hetserve.streaming import StreamInterval
+from hetserve.streaming import StreamInterval, hold_in_engine
 from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
 from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
@@ -396,6 +396,9 @@ class LLMModel(EngineModel):
                 if logprobs is not None:
                     logprobs = logprobs[: len(ids)]
                 self._emit(flow, out, ids, delta_text, finish, logprobs, completion.cumulative_logprob)
+                if out.req.stream and not finish:
+                    interval = max(self.streaming.interval(len(self._active)), params.stream_interval or 1)
+                    hold_in_engine(self.engine.engine.output_processor, flow.request_id, interval)
                 if finish:
                     if not output.finished:
                         await self.abort(flow, "stop string")
