@@ -42,6 +42,28 @@ def parse_json(raw: str | bytes | None) -> dict[str, Any]:
     return value
 
 
+def from_request_parameters(raw: str | None, stream: bool | None) -> tuple[str, bool | None]:
+    """Sampling JSON and the stream flag from a request's own Triton parameters.
+
+    As Triton's vLLM backend: without a ``sampling_parameters`` input, the
+    request's parameters (``"parameters"`` of the HTTP generate body, the
+    gRPC request's ``parameters``) are the sampling parameters. Their
+    ``stream`` (sent so in Triton's vLLM tutorials) stands for the ``stream``
+    input when that is absent; both given and different is refused. Names
+    Triton reserves (``triton_*``) are not sampling fields and are left out.
+    """
+    fields = parse_json(raw)
+    if "stream" in fields:
+        value = _scalar("stream", fields.pop("stream"), bool)
+        if not isinstance(value, bool):
+            raise ValueError(f"parameters: stream must be a boolean, got {value!r}")
+        if stream is not None and stream != value:
+            raise ValueError(f"the stream input is {stream} but parameters.stream is {value}: send one")
+        stream = value
+    fields = {k: v for k, v in fields.items() if not k.startswith("triton_")}
+    return (json.dumps(fields) if fields else ""), stream
+
+
 @functools.cache
 def _field_types() -> dict[str, Any]:
     from vllm import SamplingParams

@@ -30,14 +30,18 @@ def ask_llm(url: str, prompt: str, sampling: dict, stream: bool, *flags: str) ->
     return infer_stream(url, "llm", inputs)
 
 
-def infer_stream(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float = 300) -> list[dict[str, np.ndarray]]:
-    """Every response of one request to a decoupled model; raise its error if any."""
+def infer_stream(
+    url: str, model: str, inputs: dict[str, np.ndarray], timeout: float = 300, parameters: dict | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Every response of one request to a decoupled model; raise its error if any. ``parameters``: the request's own."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     out = []
     try:
-        client.async_stream_infer(model, [_input(k, v) for k, v in inputs.items()], enable_empty_final_response=True)
+        client.async_stream_infer(
+            model, [_input(k, v) for k, v in inputs.items()], enable_empty_final_response=True, parameters=parameters
+        )
         while True:
             result, error = responses.get(timeout=timeout)
             if error is not None:

@@ -97,3 +97,39 @@ def test_null_means_the_default_where_a_field_takes_no_null():
     params = to_sampling_params({"max_tokens": 4, "temperature": None, "top_p": None, "top_k": None, "seed": None})
     default = to_sampling_params({"max_tokens": 4})
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (default.temperature, default.top_p, default.top_k, None)
+
+
+# ------------------------------------------- a request's own parameters (Triton's vLLM backend fallback)
+
+
+def test_request_parameters_are_the_sampling_parameters_without_the_input():
+    from hetserve.sampling import from_request_parameters
+
+    raw, stream = from_request_parameters('{"temperature": 0, "max_tokens": 3}', None)
+    assert parse_json(raw) == {"temperature": 0, "max_tokens": 3} and stream is None
+    assert to_sampling_params(parse_json(raw)).max_tokens == 3
+    assert from_request_parameters("{}", True) == ("", True)
+    assert from_request_parameters('{"triton_enable_empty_final_response": true}', None) == ("", None)
+
+
+def test_request_parameters_stream_stands_for_the_stream_input():
+    from hetserve.sampling import from_request_parameters
+
+    assert from_request_parameters('{"stream": false, "max_tokens": 2}', None) == ('{"max_tokens": 2}', False)
+    assert from_request_parameters('{"stream": "true"}', None) == ("", True)
+    assert from_request_parameters('{"stream": true}', True) == ("", True)
+    with pytest.raises(ValueError, match="the stream input is False but parameters.stream is True"):
+        from_request_parameters('{"stream": true}', False)
+    with pytest.raises(ValueError, match="stream must be a boolean"):
+        from_request_parameters('{"stream": 3}', None)
+
+
+def test_request_parameters_are_checked_as_sampling_parameters_are():
+    from hetserve.sampling import from_request_parameters
+
+    raw, _ = from_request_parameters('{"bogus": 1}', None)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bogus'\]"):
+        to_sampling_params(parse_json(raw))
+    raw, _ = from_request_parameters('{"max_tokens": -3}', None)
+    with pytest.raises(ValueError, match="max_tokens"):
+        to_sampling_params(parse_json(raw))

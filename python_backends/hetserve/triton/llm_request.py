@@ -9,7 +9,7 @@ import torch
 
 from hetserve import names
 from hetserve.kv.format import ModelFingerprint, validate_kv
-from hetserve.sampling import parse_json
+from hetserve.sampling import from_request_parameters, parse_json
 from hetserve.triton.common import input_bool, input_str, input_tensor
 
 _KV_INPUTS = (names.KV_CACHE, names.KV_TOKEN_IDS, names.KV_FINGERPRINT, names.INPUT_IDS)
@@ -20,7 +20,7 @@ class LLMRequest:
     text: str | None  # None when the client sends KV instead
     stream: bool
     prepend_input: bool  # put the prompt before the generated text
-    sampling_parameters: str  # the client's JSON, checked to be an object
+    sampling_parameters: str  # the client's JSON (or its request parameters'), checked to be an object
     return_finish_reason: bool
     return_num_input_tokens: bool
     return_num_output_tokens: bool
@@ -42,15 +42,18 @@ def parse(request) -> LLMRequest:
     text = input_str(request, names.TEXT_INPUT)
     if text == "":
         raise ValueError("text_input is empty")
-    stream = bool(input_bool(request, names.STREAM))
+    stream = input_bool(request, names.STREAM)
+    raw = input_str(request, names.SAMPLING_PARAMETERS)
+    if raw is None:  # as Triton's vLLM backend: the request's own parameters instead
+        raw, stream = from_request_parameters(request.parameters(), stream)
+    parse_json(raw)
+    stream = bool(stream)
     exclude = input_bool(request, names.EXCLUDE_INPUT_IN_OUTPUT)
     # As Triton's vLLM backend: the prompt is included unless excluded, and never
     # when streaming.
     prepend = (not exclude) if exclude is not None else not stream
     if prepend and stream:
         raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
-    raw = input_str(request, names.SAMPLING_PARAMETERS) or ""
-    parse_json(raw)
     return LLMRequest(
         text=text,
         stream=stream,
