@@ -8,6 +8,8 @@ request, the tiers whose minimum the prompt reaches and which are ready are
 tried least loaded first (requests in flight and queued over the tier's
 limit; the listed order breaks ties): the first, then one retry on the next
 if the first fails, then llm's own engine (local prefill, no transfer).
+A tier that lets a request wait out ``prefill_timeout_s`` is left alone for a
+while (``Tier.timed_out``), as a dead one is while it reads not ready.
 
 A tier on another Triton server is named by its gRPC address:
 ``"grpc://10.0.0.7:8001/prefill:512"`` (the KV then comes back as the
@@ -17,12 +19,19 @@ interchange tensor over gRPC).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from hetserve.admission import Admission
 
 ATTEMPTS = 2  # one tier, then one retry on another
+# A tier that did not answer in prefill_timeout_s (hung, not dead: its model
+# still reads ready) is left alone this long, doubled at each further
+# timeout up to QUIET_MAX_S; then one request tries it while the rest go
+# elsewhere, and an answer ends it.
+QUIET_S = 5.0
+QUIET_MAX_S = 120.0
 
 _ITEM = re.compile(r"\s*(?:grpc://([A-Za-z0-9_.\[\]:-]+)/)?([A-Za-z0-9_.-]+)\s*(?::\s*(\d+)\s*)?")
 
@@ -36,6 +45,36 @@ class Tier:
     ready: bool = True
     checked_at: float = float("-inf")
     client: object = None  # the remote tier's gRPC client, made in the engine's loop
+    timeouts: int = 0  # timeouts in a row (requests sent after the last one seen)
+    last_timeout: float = float("-inf")
+    quiet_until: float = float("-inf")  # no requests before then
+
+    def timed_out(self, sent_at: float, now: float) -> float:
+        """A request sent at ``sent_at`` got no answer: how long the tier is now left alone (0: counted already).
+
+        Requests sent before the last timeout was seen were sent to the same
+        hang; they do not make the wait longer.
+        """
+        if sent_at < self.last_timeout:
+            return 0.0
+        self.timeouts += 1
+        self.last_timeout = now
+        quiet = min(QUIET_S * 2 ** (self.timeouts - 1), QUIET_MAX_S)
+        self.quiet_until = now + quiet
+        return quiet
+
+    def trying(self, now: float, for_s: float) -> None:
+        """A request goes to this tier: if it timed out before, keep the others off while this one tries."""
+        if self.timeouts:
+            self.quiet_until = max(self.quiet_until, now + for_s)
+
+    def tried(self) -> None:
+        """The request sent by ``trying`` failed otherwise (readiness decides the rest): let others try."""
+        if self.timeouts:
+            self.quiet_until = min(self.quiet_until, time.monotonic())
+
+    def answered(self) -> None:
+        self.timeouts, self.quiet_until = 0, float("-inf")
 
     @property
     def name(self) -> str:
@@ -71,7 +110,8 @@ def eligible(tiers: list[Tier], num_tokens: int) -> list[Tier]:
     return [t for t in tiers if num_tokens >= t.min_tokens]
 
 
-def order(tiers: list[Tier]) -> list[Tier]:
-    """Ready tiers, least loaded first, at most ATTEMPTS of them."""
-    ready = [t for t in tiers if t.ready]
+def order(tiers: list[Tier], now: float | None = None) -> list[Tier]:
+    """Ready tiers not left alone at ``now`` (default: time.monotonic()), least loaded first, at most ATTEMPTS of them."""
+    now = time.monotonic() if now is None else now
+    ready = [t for t in tiers if t.ready and t.quiet_until <= now]
     return sorted(ready, key=lambda t: t.admission.load())[:ATTEMPTS]  # sorted() is stable: listed order on ties

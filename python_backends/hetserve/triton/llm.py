@@ -90,6 +90,10 @@ class PrefillUnavailable(Exception):
     """The prefill tier failed a request through no fault of the request."""
 
 
+class PrefillTimeout(PrefillUnavailable):
+    """The prefill tier did not answer in ``prefill_timeout_s`` (it may hang while reading ready)."""
+
+
 class _Reply:
     """Prefill's one response, from this server (BLS) or another (gRPC), as numpy and torch."""
 
@@ -259,6 +263,8 @@ class LLMModel(EngineModel):
                 self.engine.check_params(params)
             for i, tier in enumerate(tiers):
                 early: _Early | None = None
+                sent_at = time.monotonic()
+                tier.trying(sent_at, self.prefill_timeout_s)
 
                 def start_early(slot: Slot) -> None:  # the engine waits for the KV while prefill writes it
                     nonlocal early
@@ -276,7 +282,12 @@ class LLMModel(EngineModel):
                         raise
                     then = f"trying {tiers[i + 1].name}" if i + 1 < len(tiers) else "prefilling it locally"
                     logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
+                    if not isinstance(exc, PrefillTimeout):
+                        tier.tried()
+                    elif quiet := tier.timed_out(sent_at, time.monotonic()):
+                        logger.warning("llm: %s gets no prompts for %g s (%d timeout(s) in a row)", tier.name, quiet, tier.timeouts)
                     continue
+                tier.answered()
                 self.serving.prefilled(tier.name)
                 try:
                     await self._continue(flow, out, params, ids, first, finish, first_logprobs, handoff, early)
@@ -614,19 +625,17 @@ class LLMModel(EngineModel):
         deadline = time.monotonic() + self.prefill_timeout_s
         while not result.done():
             await asyncio.wait({result}, timeout=PREFILL_READY_POLL_S)
-            why = None
             if result.done():
                 break
             if flow.cancelled:
                 give_up()
                 raise cancellation()
             if time.monotonic() > deadline:
-                why = f"{tier.name} did not answer in {self.prefill_timeout_s:g} s (prefill_timeout_s)"
-            elif not await self._refresh_ready(tier):
-                why = f"{tier.name} went down"
-            if why:
                 give_up()
-                raise PrefillUnavailable(why)
+                raise PrefillTimeout(f"{tier.name} did not answer in {self.prefill_timeout_s:g} s (prefill_timeout_s)")
+            if not await self._refresh_ready(tier):
+                give_up()
+                raise PrefillUnavailable(f"{tier.name} went down")
         return result.result()
 
     async def _call_prefill(self, tier: Tier, flow: Flow, inputs) -> _Reply:
