@@ -183,7 +183,74 @@ def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
     if unsupported:
         archs = ", ".join(config.architectures or ["?"])
         raise ConfigError(f"{archs} is not supported by hetserve's KV interchange: " + "; ".join(unsupported))
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    try:  # the engines load it only once the server loads its models, with a traceback
+        cached_tokenizer_from_config(config)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the user needs its words
+        raise ConfigError(f"vLLM cannot load the tokenizer of {engine_args.get('model')}: {_one_line(exc)}") from None
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
+
+
+# vLLM's CPU worker makes fewer blocks of kv_cache_memory_bytes than it
+# holds (1,920 tokens of a 2,048-token budget, measured): ask for this much more.
+KV_MARGIN = 1.125
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fit_kv_cache(model: str, engine_args: dict, fingerprint: ModelFingerprint, max_len: int, explicit: bool, engines: int) -> None:
+    """Make one sequence of the full context fit in the engine's KV cache, or refuse now.
+
+    vLLM refuses to start an engine whose KV cache cannot hold one sequence of
+    ``max_model_len`` tokens, but only once the server is loading its models,
+    and its advice (``gpu_memory_utilization``) does not apply to an explicit
+    size. The repository's default (``model.json``, sized for the built-in
+    toy) is raised to what the checkpoint needs, if this machine has the
+    memory for every engine; a size the user gave (``--kv-cache-memory``) is
+    refused with the sizes that would do. A model with a sliding window needs
+    less than its context; only the default is raised for it.
+    """
+    size = engine_args.get("kv_cache_memory_bytes")
+    per_token = fingerprint.bytes_per_token
+    need = int(per_token * max_len * KV_MARGIN)
+    if size is None or size >= need:
+        return
+    fits = int(size / KV_MARGIN / per_token) // 16 * 16
+    what = (f"{model}: a KV cache of {size / MiB:.0f} MiB holds about {fits} tokens of {engine_args['model']} "
+            f"({per_token / 1024:.0f} KiB per token), less than one sequence of its context ({max_len} tokens, "
+            f"{need / MiB:.0f} MiB)")
+    if explicit:
+        window = _sliding_window(engine_args["model"])
+        if window is None or window >= max_len:
+            raise ConfigError(f"{what}: give --kv-cache-memory {-(-need // MiB)}MiB or more, or --max-model-len {fits} or less")
+        return
+    import psutil
+
+    want = -(-need // MiB) * MiB
+    available = psutil.virtual_memory().available
+    if want * engines > available // 2:
+        raise ConfigError(
+            f"{what}; {engines} engine(s) would need {want * engines / MiB:.0f} MiB, more than half of the "
+            f"{available / MiB:.0f} MiB available: shorten the context (--max-model-len {fits}) or size it "
+            "yourself (--kv-cache-memory)"
+        )
+    logger.warning("%s: raised to %d MiB (set --kv-cache-memory or --max-model-len to choose)", what, want // MiB)
+    engine_args["kv_cache_memory_bytes"] = want
+
+
+def _sliding_window(model: str) -> int | None:
+    """The checkpoint's sliding window, if its config.json declares one in use."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config") or config
+    window = config.get("sliding_window")
+    return window if isinstance(window, int) and config.get("use_sliding_window", True) else None
 
 
 def engine_models(repository: Path, only: list[str] | None = None) -> list[str]:
@@ -259,8 +326,9 @@ def prepare_repository(options: ServeOptions, dst: Path, gpu: bool) -> int:
     fingerprints = {}
     for model in models:
         engine_args = engine_settings(options, model, dst)
-        (dst / model / "1" / "model.json").write_text(json.dumps(engine_args, indent=2))
         fingerprint, max_len = model_facts(engine_args)
+        fit_kv_cache(model, engine_args, fingerprint, max_len, "kv_cache_memory_bytes" in options.engine_args, len(models))
+        (dst / model / "1" / "model.json").write_text(json.dumps(engine_args, indent=2))
         fingerprints[model] = fingerprint
         logger.info("%s: %s, %s, context %d tokens", model, engine_args["model"], fingerprint.dtype, max_len)
         largest = max(largest, fingerprint.bytes_per_token * max_len)
@@ -570,6 +638,27 @@ def clean_dead_servers() -> list[str]:
     return removed
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse ports another process listens on (a server still stopping, say).
+
+    Otherwise tritonserver fails to bind one while the other server answers
+    the readiness checks, and hetserve would report ready for a server that
+    is not its own.
+    """
+    import socket
+
+    for what, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no conflict
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"the {what} port {host}:{port} is already in use ({exc.strerror}): another server, or one still "
+                    f"stopping, holds it; choose another with --{what}-port"
+                ) from None
+
+
 class Server:
     """One tritonserver process group and the files it owns."""
 
@@ -586,6 +675,9 @@ class Server:
         self.key_file = self.workdir / "admin-key"
 
     def start(self) -> None:
+        check_ports_free(self.options.host, {
+            "http": self.options.http_port, "grpc": self.options.grpc_port, "metrics": self.options.metrics_port,
+        })
         triton = TritonInstall.find()
         gpu = gpu_visible()
         repo = self.workdir / "model_repository"

@@ -291,3 +291,59 @@ def test_stream_interval_is_checked_before_start_and_shipped_auto(tmp_path, mode
     assert config(tmp_path / "ok", "llm").parameters["stream_interval"].string_value == "4"
     shipped = {m: config(ServeOptions().model_repository, m).parameters["stream_interval"].string_value for m in ("llm", "unified")}
     assert shipped == {"llm": "auto", "unified": "auto"}
+
+
+def test_a_kv_cache_too_small_for_the_context_is_raised_or_refused_before_start(tmp_path, model_path, caplog):
+    """vLLM refuses an engine whose KV cache cannot hold one full-context sequence, late; here it is
+    decided before start: the repository's default is raised to fit, a size the user gave is refused."""
+    from hetserve.launcher import KV_MARGIN, ConfigError, engine_settings, model_facts
+
+    fingerprint, max_len = model_facts(engine_settings(ServeOptions(model=str(model_path)), names.Model.LLM))
+    need = fingerprint.bytes_per_token * max_len * KV_MARGIN
+    small = int(need // 4)
+    with pytest.raises(ConfigError, match=r"less than one sequence of its context .*--kv-cache-memory \d+MiB or more, or --max-model-len \d+ or less"):
+        prepare_repository(ServeOptions(model=str(model_path), engine_args={"kv_cache_memory_bytes": small}), tmp_path / "a", gpu=False)
+    # a shorter context that fits is taken as given
+    fits = ServeOptions(model=str(model_path), engine_args={"kv_cache_memory_bytes": small, "max_model_len": max_len // 8})
+    prepare_repository(fits, tmp_path / "b", gpu=False)
+    assert json.loads((tmp_path / "b" / "llm" / "1" / "model.json").read_text())["kv_cache_memory_bytes"] == small
+    repo = tmp_path / "repo"  # a repository whose default is too small, as model.json's is for a big checkpoint
+    shutil.copytree(ServeOptions().model_repository, repo)
+    for model in ("llm", "prefill"):
+        path = repo / model / "1" / "model.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "kv_cache_memory_bytes": small}))
+    prepare_repository(ServeOptions(model_repository=repo, model=str(model_path)), tmp_path / "c", gpu=False)
+    for model in ("llm", "prefill"):
+        raised = json.loads((tmp_path / "c" / model / "1" / "model.json").read_text())["kv_cache_memory_bytes"]
+        assert raised >= need and raised % (1 << 20) == 0
+    assert "raised to" in caplog.text
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused_before_start(tmp_path, model_path):
+    from hetserve.launcher import ConfigError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (bare / name).symlink_to(model_path / name)
+    with pytest.raises(ConfigError, match=f"vLLM cannot load the tokenizer of {bare}: "):
+        prepare_repository(ServeOptions(model=str(bare)), tmp_path / "run", gpu=False)
+
+
+def test_a_port_in_use_stops_hetserve_serve_before_it_starts_a_server():
+    """Not "ready" because another server (one still stopping, say) answers on that port."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "hetserve.cli", "serve", "--grpc-port", str(port)],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert done.returncode == 2
+    assert f"the grpc port 127.0.0.1:{port} is already in use" in done.stderr and "--grpc-port" in done.stderr
+    assert "starting" not in done.stderr
