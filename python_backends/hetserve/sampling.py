@@ -38,7 +38,7 @@ def parse_json(raw: str | bytes | None) -> dict[str, Any]:
     except RecursionError:
         raise ValueError("sampling_parameters is nested too deeply") from None
     if not isinstance(value, dict):
-        raise ValueError(f"sampling_parameters must be a JSON object, got {type(value).__name__}")
+        raise ValueError(f"sampling_parameters must be a JSON object, got {json.dumps(value)[:40]}")
     return value
 
 

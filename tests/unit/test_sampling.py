@@ -7,7 +7,7 @@ import pytest
 from hetserve.sampling import parse_json, to_sampling_params
 
 
-@pytest.mark.parametrize("raw, message", [("{bad", "not valid JSON"), ("[1]", "JSON object"), (b"\xff", "not valid JSON")])
+@pytest.mark.parametrize("raw, message", [("{bad", "not valid JSON"), ("[1]", "JSON object, got \\[1\\]"), ("null", "JSON object, got null"), (b"\xff", "not valid JSON")])
 def test_malformed_json(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_json(raw)

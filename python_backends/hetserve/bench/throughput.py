@@ -3,9 +3,11 @@
 One run measures, at each concurrency of ``--concurrency`` (default 1, 8, 64
 and 256), offline vLLM (``LLM.generate``, in a subprocess, timed without its
 start-up) with the engine arguments of the repository's ``llm/1/model.json``
-on the same prompts, then greedy generation through ``llm``: streamed (gRPC,
-one response per delta) and not streamed (the HTTP generate endpoint, one
-response per request), with that many requests in flight (closed loop). A
+on the same prompts, then greedy generation through ``llm``: streamed (a
+gRPC stream per request, all on one asyncio channel; ``--client threads``: a
+thread and a channel per stream, as before 2026-12-01) and not streamed (the
+HTTP generate endpoint, one response per request), with that many requests in
+flight (closed loop). A
 concurrency of c sends max(c, min(64, 4c)) prompts per pass, so that every
 stream runs several requests at the low levels. Offline vLLM takes the same
 prompts all at once and runs at most c of them at a time (``max_num_seqs``
