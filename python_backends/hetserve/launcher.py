@@ -192,11 +192,6 @@ def model_facts(engine_args: dict) -> tuple[ModelFingerprint, int]:
     return ModelFingerprint.from_hf_config(config.hf_config, config.dtype), config.max_model_len
 
 
-# vLLM's CPU worker makes fewer blocks of kv_cache_memory_bytes than it
-# holds (1,920 tokens of a 2,048-token budget, measured): ask for this much more.
-KV_MARGIN = 1.125
-
-
 def _one_line(exc: BaseException, limit: int = 500) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -206,23 +201,29 @@ def fit_kv_cache(model: str, engine_args: dict, fingerprint: ModelFingerprint, m
     """Make one sequence of the full context fit in the engine's KV cache, or refuse now.
 
     vLLM refuses to start an engine whose KV cache cannot hold one sequence of
-    ``max_model_len`` tokens, but only once the server is loading its models,
-    and its advice (``gpu_memory_utilization``) does not apply to an explicit
-    size. The repository's default (``model.json``, sized for the built-in
-    toy) is raised to what the checkpoint needs, if this machine has the
-    memory for every engine; a size the user gave (``--kv-cache-memory``) is
-    refused with the sizes that would do. A model with a sliding window needs
-    less than its context; only the default is raised for it.
+    ``max_model_len`` tokens (its blocks, plus one null block), but only once
+    the server is loading its models, and its advice
+    (``gpu_memory_utilization``) does not apply to an explicit size. The
+    repository's default (``model.json``, sized for the built-in toy) is
+    raised to what the checkpoint needs (one block spare), if this machine has
+    the memory for every engine; a size the user gave (``--kv-cache-memory``)
+    is refused with the sizes that would do. A model with a sliding window
+    needs less than its context; only the default is raised for it.
     """
     size = engine_args.get("kv_cache_memory_bytes")
-    per_token = fingerprint.bytes_per_token
-    need = int(per_token * max_len * KV_MARGIN)
-    if size is None or size >= need:
+    if size is None:
+        return  # vLLM sizes it itself
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"{model}: kv_cache_memory_bytes must be a positive whole number of bytes, got {size!r} (--kv-cache-memory takes 4GiB)")
+    block = int(engine_args.get("block_size") or _default_block_size())
+    per_block = block * fingerprint.bytes_per_token
+    need = (-(-max_len // block) + 1) * per_block  # vLLM's check_enough_kv_cache_memory: its blocks and the null block
+    if size >= need:
         return
-    fits = int(size / KV_MARGIN / per_token) // 16 * 16
-    what = (f"{model}: a KV cache of {size / MiB:.0f} MiB holds about {fits} tokens of {engine_args['model']} "
-            f"({per_token / 1024:.0f} KiB per token), less than one sequence of its context ({max_len} tokens, "
-            f"{need / MiB:.0f} MiB)")
+    fits = max(0, size // per_block - 1) * block
+    what = (f"{model}: a KV cache of {size / MiB:.0f} MiB holds {fits} tokens of {engine_args['model']} "
+            f"({fingerprint.bytes_per_token / 1024:g} KiB per token, blocks of {block}), less than one sequence of its "
+            f"context ({max_len} tokens, {need / MiB:.0f} MiB)")
     if explicit:
         window = _sliding_window(engine_args["model"])
         if window is None or window >= max_len:
@@ -230,7 +231,7 @@ def fit_kv_cache(model: str, engine_args: dict, fingerprint: ModelFingerprint, m
         return
     import psutil
 
-    want = -(-need // MiB) * MiB
+    want = -(-(need + per_block) // MiB) * MiB
     available = psutil.virtual_memory().available
     if want * engines > available // 2:
         raise ConfigError(
@@ -240,6 +241,13 @@ def fit_kv_cache(model: str, engine_args: dict, fingerprint: ModelFingerprint, m
         )
     logger.warning("%s: raised to %d MiB (set --kv-cache-memory or --max-model-len to choose)", what, want // MiB)
     engine_args["kv_cache_memory_bytes"] = want
+
+
+def _default_block_size() -> int:
+    """vLLM's KV block size when none is set: 128 on the CPU (CpuPlatform), 16 elsewhere."""
+    from vllm.platforms import current_platform
+
+    return 128 if current_platform.is_cpu() else 16
 
 
 def _sliding_window(model: str) -> int | None:

@@ -59,22 +59,27 @@ class Tier:
             return 0.0
         self.timeouts += 1
         self.last_timeout = now
-        quiet = min(QUIET_S * 2 ** (self.timeouts - 1), QUIET_MAX_S)
+        quiet = min(QUIET_S * 2 ** min(self.timeouts - 1, 16), QUIET_MAX_S)
         self.quiet_until = now + quiet
         return quiet
 
-    def trying(self, now: float, for_s: float) -> None:
-        """A request goes to this tier: if it timed out before, keep the others off while this one tries."""
-        if self.timeouts:
-            self.quiet_until = max(self.quiet_until, now + for_s)
+    def usable(self, now: float) -> bool:
+        return self.ready and self.quiet_until <= now
+
+    def trying(self, now: float, for_s: float) -> bool:
+        """A request goes to this tier; True if it is the one probe after timeouts (the others are kept off meanwhile)."""
+        if not self.timeouts:
+            return False
+        self.quiet_until = max(self.quiet_until, now + for_s)
+        return True
 
     def tried(self) -> None:
-        """The request sent by ``trying`` failed otherwise (readiness decides the rest): let others try."""
+        """The probe ended otherwise than by a timeout (an error, a cancellation): let the next request try."""
         if self.timeouts:
             self.quiet_until = min(self.quiet_until, time.monotonic())
 
     def answered(self) -> None:
-        self.timeouts, self.quiet_until = 0, float("-inf")
+        self.timeouts, self.quiet_until, self.last_timeout = 0, float("-inf"), float("-inf")
 
     @property
     def name(self) -> str:
@@ -113,5 +118,5 @@ def eligible(tiers: list[Tier], num_tokens: int) -> list[Tier]:
 def order(tiers: list[Tier], now: float | None = None) -> list[Tier]:
     """Ready tiers not left alone at ``now`` (default: time.monotonic()), least loaded first, at most ATTEMPTS of them."""
     now = time.monotonic() if now is None else now
-    ready = [t for t in tiers if t.ready and t.quiet_until <= now]
+    ready = [t for t in tiers if t.usable(now)]
     return sorted(ready, key=lambda t: t.admission.load())[:ATTEMPTS]  # sorted() is stable: listed order on ties

@@ -53,14 +53,16 @@ def from_request_parameters(raw: str | None, stream: bool | None) -> tuple[str, 
     Triton reserves (``triton_*``) are not sampling fields and are left out.
     """
     fields = parse_json(raw)
-    if "stream" in fields:
+    if fields.get("stream") is not None:  # null: as absent
         value = _scalar("stream", fields.pop("stream"), bool)
+        if value in (0, 1) and not isinstance(value, bool):  # gRPC's int64 parameters
+            value = bool(value)
         if not isinstance(value, bool):
             raise ValueError(f"parameters: stream must be a boolean, got {value!r}")
         if stream is not None and stream != value:
             raise ValueError(f"the stream input is {stream} but parameters.stream is {value}: send one")
         stream = value
-    fields = {k: v for k, v in fields.items() if not k.startswith("triton_")}
+    fields = {k: v for k, v in fields.items() if k != "stream" and not k.startswith("triton_")}
     return (json.dumps(fields) if fields else ""), stream
 
 

@@ -296,10 +296,10 @@ def test_stream_interval_is_checked_before_start_and_shipped_auto(tmp_path, mode
 def test_a_kv_cache_too_small_for_the_context_is_raised_or_refused_before_start(tmp_path, model_path, caplog):
     """vLLM refuses an engine whose KV cache cannot hold one full-context sequence, late; here it is
     decided before start: the repository's default is raised to fit, a size the user gave is refused."""
-    from hetserve.launcher import KV_MARGIN, ConfigError, engine_settings, model_facts
+    from hetserve.launcher import ConfigError, engine_settings, model_facts
 
     fingerprint, max_len = model_facts(engine_settings(ServeOptions(model=str(model_path)), names.Model.LLM))
-    need = fingerprint.bytes_per_token * max_len * KV_MARGIN
+    need = fingerprint.bytes_per_token * (max_len + 128)  # vLLM: the context's blocks of 128 and a null block
     small = int(need // 4)
     with pytest.raises(ConfigError, match=r"less than one sequence of its context .*--kv-cache-memory \d+MiB or more, or --max-model-len \d+ or less"):
         prepare_repository(ServeOptions(model=str(model_path), engine_args={"kv_cache_memory_bytes": small}), tmp_path / "a", gpu=False)
@@ -317,6 +317,26 @@ def test_a_kv_cache_too_small_for_the_context_is_raised_or_refused_before_start(
         raised = json.loads((tmp_path / "c" / model / "1" / "model.json").read_text())["kv_cache_memory_bytes"]
         assert raised >= need and raised % (1 << 20) == 0
     assert "raised to" in caplog.text
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes must be a positive whole number of bytes, got '4GiB'"):
+        prepare_repository(ServeOptions(model=str(model_path), engine_args={"kv_cache_memory_bytes": "4GiB"}), tmp_path / "d", gpu=False)
+
+
+def test_the_kv_size_check_is_vllms_blocks_and_null_block():
+    """vLLM needs cdiv(context, block) + 1 blocks: not a token less is accepted, not a token more asked."""
+    from hetserve.kv.format import ModelFingerprint
+    from hetserve.launcher import ConfigError, fit_kv_cache
+
+    fp = ModelFingerprint("LlamaForCausalLM", 32, 8, 128, "{}", "bfloat16")  # 128 KiB per token
+    block = 128 * fp.bytes_per_token  # 16 MiB
+    for max_len, blocks in ((4096, 33), (4097, 34), (512, 5), (100, 2)):
+        fit_kv_cache("llm", {"model": "m", "kv_cache_memory_bytes": blocks * block}, fp, max_len, True, 2)  # fits
+        with pytest.raises(ConfigError, match=f"holds {(blocks - 2) * 128} tokens"):
+            fit_kv_cache("llm", {"model": "m", "kv_cache_memory_bytes": blocks * block - 1}, fp, max_len, True, 2)
+    args = {"model": "m", "kv_cache_memory_bytes": 256 << 20}  # the default: 16 blocks, 1,920 tokens (vLLM said so)
+    with pytest.raises(ConfigError, match="holds 1920 tokens"):
+        fit_kv_cache("llm", dict(args), fp, 4096, True, 2)
+    fit_kv_cache("llm", args, fp, 4096, False, 2)
+    assert args["kv_cache_memory_bytes"] == 34 * block  # raised: the context, the null block and one spare
 
 
 def test_a_checkpoint_without_a_tokenizer_is_refused_before_start(tmp_path, model_path):

@@ -118,6 +118,8 @@ def test_request_parameters_stream_stands_for_the_stream_input():
     assert from_request_parameters('{"stream": false, "max_tokens": 2}', None) == ('{"max_tokens": 2}', False)
     assert from_request_parameters('{"stream": "true"}', None) == ("", True)
     assert from_request_parameters('{"stream": true}', True) == ("", True)
+    assert from_request_parameters('{"stream": 1}', None) == ("", True)  # an int64 gRPC parameter
+    assert from_request_parameters('{"stream": null, "seed": 3}', False) == ('{"seed": 3}', False)
     with pytest.raises(ValueError, match="the stream input is False but parameters.stream is True"):
         from_request_parameters('{"stream": true}', False)
     with pytest.raises(ValueError, match="stream must be a boolean"):

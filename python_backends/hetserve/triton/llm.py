@@ -264,7 +264,9 @@ class LLMModel(EngineModel):
             for i, tier in enumerate(tiers):
                 early: _Early | None = None
                 sent_at = time.monotonic()
-                tier.trying(sent_at, self.prefill_timeout_s)
+                if i and not tier.usable(sent_at):  # the retry: the tier may have gone quiet since routing
+                    continue
+                probe = tier.trying(sent_at, self.prefill_timeout_s)
 
                 def start_early(slot: Slot) -> None:  # the engine waits for the KV while prefill writes it
                     nonlocal early
@@ -275,6 +277,11 @@ class LLMModel(EngineModel):
                         tier, flow, req, ids, start_early if self._loads_early(tier) else None
                     )
                 except BaseException as exc:
+                    if isinstance(exc, PrefillTimeout):
+                        if quiet := tier.timed_out(sent_at, time.monotonic()):
+                            logger.warning("llm: %s gets no prompts for %g s (%d timeout(s) in a row)", tier.name, quiet, tier.timeouts)
+                    elif probe:
+                        tier.tried()
                     if early is not None:
                         await early.close()
                         flow.in_engine = flow.prefilling = False
@@ -282,10 +289,6 @@ class LLMModel(EngineModel):
                         raise
                     then = f"trying {tiers[i + 1].name}" if i + 1 < len(tiers) else "prefilling it locally"
                     logger.warning("llm: %s; request %s: %s", exc, flow.request_id, then)
-                    if not isinstance(exc, PrefillTimeout):
-                        tier.tried()
-                    elif quiet := tier.timed_out(sent_at, time.monotonic()):
-                        logger.warning("llm: %s gets no prompts for %g s (%d timeout(s) in a row)", tier.name, quiet, tier.timeouts)
                     continue
                 tier.answered()
                 self.serving.prefilled(tier.name)
