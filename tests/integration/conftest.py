@@ -27,6 +27,15 @@ from hetserve import shm
 from hetserve_client import scrape_metrics, wait_ready
 
 STARTUP_TIMEOUT_S = 600
+# llm writes its metrics on a thread of its own (triton/metrics.py): a scrape
+# just after a request's last response may miss that request's updates.
+SETTLE_S = 0.2
+SETTLE_TIMEOUT_S = 5
+
+
+def _written(samples: dict[str, float]) -> dict[str, float]:
+    """hetserve's counters and histograms: what a finished request moves (not gauges, not Triton's own)."""
+    return {k: v for k, v in samples.items() if k.startswith(("vllm:", "hetserve_")) and not k.startswith("hetserve_requests_")}
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,19 @@ class Server:
         return self.log.read_text(errors="replace")
 
     def metrics(self) -> dict[str, float]:
-        """Every sample on the metrics port, keyed by name and labels as printed."""
-        return scrape_metrics(self.metrics_url)
+        """Every sample on the metrics port, keyed by name and labels as printed.
+
+        Scraped until hetserve's counters hold still for SETTLE_S (at most
+        SETTLE_TIMEOUT_S), so that the requests that ended are counted.
+        """
+        found = scrape_metrics(self.metrics_url)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            time.sleep(SETTLE_S)
+            last, found = found, scrape_metrics(self.metrics_url)
+            if _written(found) == _written(last):
+                break
+        return found
 
 
 def free_port() -> int:

@@ -69,7 +69,7 @@ from hetserve.text import Continuation, engine_params
 from hetserve.triton.common import cancelled, ids_tensor, invalid_arg, string_tensor
 from hetserve.triton.engine_model import EngineModel, Flow, RequestFailed, cancellation
 from hetserve.triton.llm_request import LLMRequest, client_kv, parse
-from hetserve.triton.metrics import KVMetrics, ServingMetrics
+from hetserve.triton.metrics import KVMetrics, MetricWriter, ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +195,9 @@ class LLMModel(EngineModel):
         self.early_load = kv_load == "early"
         # What crosses Triton or the network (tensor transport, remote tiers); shm moves the model's dtype.
         self.transfer_dtype = transfer.check(self.parameter("kv_transfer_dtype", transfer.AUTO))
-        self.metrics = KVMetrics(self.name)
-        self.serving = ServingMetrics(self.name, args["model_version"])
+        self.metric_writer = MetricWriter(self.name)
+        self.metrics = KVMetrics(self.name, self.metric_writer)
+        self.serving = ServingMetrics(self.name, args["model_version"], self.metric_writer)
         self.admission.on_change = lambda running, queued: self.serving.tier(self.name, running, queued)
         self.prefill_timeout_s = float(self.parameter("prefill_timeout_s", "60"))
         self.streaming = StreamInterval.parse(self.parameter("stream_interval", "auto"))
@@ -229,6 +230,7 @@ class LLMModel(EngineModel):
         self.serving.refused(reason)
 
     def finalize(self) -> None:
+        self.metric_writer.close()
         self.metrics.close()
         self.serving.close()
         for tier in self.tiers:

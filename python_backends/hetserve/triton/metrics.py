@@ -1,14 +1,99 @@
-"""KV hand-off metrics on Triton's metrics port (python backend custom metrics).
+"""Metrics on Triton's metrics port (python backend custom metrics).
 
-Histograms of the three stages of a hand-off — the producer's gather (paged
-cache → slot), the whole hand-off (gather start → the consumer's scatter end,
-engine compute excluded) and the consumer's scatter (slot → paged cache) —
-and a counter of KV bytes moved, labelled by model and transport.
+KV hand-off: histograms of the three stages of a hand-off — the producer's
+gather (paged cache → slot), the whole hand-off (gather start → the
+consumer's scatter end, engine compute excluded) and the consumer's scatter
+(slot → paged cache) — and a counter of KV bytes moved, labelled by model and
+transport. Serving: per-request metrics under Triton's vLLM backend names.
+
+Every update goes through a MetricWriter, on a thread of its own: each
+custom-metric call is a round trip to the server, and in Triton 2.51
+``Metric.set`` holds the GIL for all of it. Made on the engine's event loop
+they stalled every request in the stub (a gauge set per admission change
+took 38% of the loop's time under 64 requests, py-spy ``--gil``). As in
+Triton's vLLM backend, the loop only queues them; a scrape can lag a
+request's last response by the writer's turn (milliseconds; gauges up to
+GAUGE_PERIOD_S).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
 import triton_python_backend_utils as pb_utils
+
+logger = logging.getLogger(__name__)
+
+GAUGE_PERIOD_S = 0.25  # gauges keep their latest value and are written at most this often
+
+
+def _set(metric: Callable[[], object], value: float) -> None:
+    gauge = metric()
+    if gauge is not None:  # None: closed
+        gauge.set(value)
+
+
+class MetricWriter:
+    """Custom-metric calls, made in order on one thread; gauges coalesced to their latest value."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._gauges: dict[object, tuple[float, Callable[[], object]]] = {}  # key -> (latest value, its metric or None)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{name}-metrics", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args) -> None:
+        """Call ``fn(*args)`` on the writer's thread, after what was submitted before."""
+        if not self._closed:
+            self._queue.put((fn, args))
+
+    def gauge(self, key: object, value: float, metric: Callable[[], object]) -> None:
+        """Set the gauge ``metric()`` (named by ``key``) to ``value``, at the writer's next gauge turn."""
+        with self._lock:
+            self._gauges[key] = (value, metric)
+
+    def _write_gauges(self) -> None:
+        with self._lock:
+            gauges, self._gauges = self._gauges, {}
+        for value, metric in gauges.values():
+            self._call(_set, metric, value)
+
+    def _call(self, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - a metric is not worth a request; keep writing the others
+            logger.exception("%s: a metric update failed", self._name)
+
+    def _run(self) -> None:
+        next_gauges = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=GAUGE_PERIOD_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                break
+            if item:
+                self._call(item[0], *item[1])
+            if self._gauges and time.monotonic() >= next_gauges:
+                self._write_gauges()
+                next_gauges = time.monotonic() + GAUGE_PERIOD_S
+        self._write_gauges()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued, then stop (before the metrics are freed); nothing is taken after."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("%s: the metrics writer did not finish in %.0f s", self._name, timeout_s)
 
 BUCKETS_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 GATHER = "hetserve_kv_gather_seconds"
@@ -18,8 +103,9 @@ BYTES = "hetserve_kv_bytes_total"
 
 
 class KVMetrics:
-    def __init__(self, model: str):
+    def __init__(self, model: str, writer: MetricWriter):
         self._model = model
+        self._writer = writer
         histogram = pb_utils.MetricFamily.HISTOGRAM
         self._families = {
             GATHER: pb_utils.MetricFamily(name=GATHER, description="KV gather time (paged cache to slot)", kind=histogram),
@@ -32,7 +118,7 @@ class KVMetrics:
         self._metrics: dict[tuple[str, str], object] = {}
 
     def close(self) -> None:
-        """Free the metrics while the stub can still talk to the server.
+        """Free the metrics while the stub can still talk to the server (after the writer's close).
 
         A MetricFamily destroyed at interpreter exit segfaults the stub
         (Metric::Clear writes to shared memory that is gone).
@@ -52,6 +138,11 @@ class KVMetrics:
 
     def record(self, transport: str, nbytes: int, gather_ns: tuple[int, int] | None, scatter_ns: tuple[int, int]) -> None:
         """One hand-off; times are CLOCK_MONOTONIC (start, end) pairs in ns."""
+        self._writer.submit(self._record, transport, nbytes, gather_ns, scatter_ns)
+
+    def _record(self, transport: str, nbytes: int, gather_ns: tuple[int, int] | None, scatter_ns: tuple[int, int]) -> None:
+        if not self._families:
+            return  # closed
         self._metric(BYTES, transport).increment(nbytes)
         self._metric(SCATTER, transport).observe((scatter_ns[1] - scatter_ns[0]) / 1e9)
         if gather_ns is not None:
@@ -73,11 +164,13 @@ class ServingMetrics:
     ``vllm:time_per_output_token_seconds`` gets one observation per request,
     its mean gap between tokens after the first. ``hetserve_*`` for what the
     split adds: where each prompt was prefilled, requests refused and why,
-    requests running and queued per tier.
+    requests running and queued per tier. Every method only queues the update
+    on ``writer``.
     """
 
-    def __init__(self, model: str, version: str):
+    def __init__(self, model: str, version: str, writer: MetricWriter):
         self._labels = {"model": model, "version": version}
+        self._writer = writer
         family = pb_utils.MetricFamily
         self._families: dict[str, object] = {}  # one per name; a Metric per label set
 
@@ -106,12 +199,16 @@ class ServingMetrics:
         self.closed = False
 
     def _labelled(self, name: str, description: str, kind, key: str, value: str):
+        """The metric ``name`` with one more label (made on first use, on the writer's thread)."""
         if (name, value) not in self._by_label:
             self._by_label[(name, value)] = self._make(name, description, kind, **{key: value})
         return self._by_label[(name, value)]
 
     def finished(self, prompt_tokens: int, generation_tokens: int, n: int, arrival: float, first: float | None, end: float) -> None:
         """A request that completed; times from time.monotonic()."""
+        self._writer.submit(self._finished, prompt_tokens, generation_tokens, n, arrival, first, end)
+
+    def _finished(self, prompt_tokens: int, generation_tokens: int, n: int, arrival: float, first: float | None, end: float) -> None:
         if self.closed:
             return
         self.prompt_tokens.increment(prompt_tokens)
@@ -125,32 +222,37 @@ class ServingMetrics:
             if generation_tokens > 1:
                 self.tpot.observe((end - first) / (generation_tokens - 1))
 
+    def _count(self, name: str, description: str, key: str, value: str) -> None:
+        if not self.closed:
+            self._labelled(name, description, pb_utils.MetricFamily.COUNTER, key, value).increment(1)
+
     def prefilled(self, where: str) -> None:
         """Where a prompt was prefilled: ``local`` or the prefill tier's model name."""
-        if self.closed:
-            return
-        self._labelled("hetserve_prefills_total", "Prompts prefilled, by where", pb_utils.MetricFamily.COUNTER, "prefilled_by", where).increment(1)
+        self._writer.submit(self._count, "hetserve_prefills_total", "Prompts prefilled, by where", "prefilled_by", where)
 
     def refused(self, reason: str) -> None:
-        if self.closed:
-            return
-        self._labelled(
-            "hetserve_requests_refused_total", "Requests ended by a limit (overloaded, timed_out)",
-            pb_utils.MetricFamily.COUNTER, "reason", reason,
-        ).increment(1)
+        self._writer.submit(
+            self._count, "hetserve_requests_refused_total", "Requests ended by a limit (overloaded, timed_out)", "reason", reason,
+        )
 
     def tier(self, tier: str, running: int, queued: int) -> None:
         """Requests in flight and queued at a tier's admission (this model itself, or a prefill tier)."""
+        for name, description, value in (
+            ("hetserve_requests_running", "Requests admitted and in flight, per tier", running),
+            ("hetserve_requests_waiting", "Requests queued for admission, per tier", queued),
+        ):
+            self._writer.gauge((name, tier), value, lambda name=name, description=description: self._gauge(name, description, tier))
+
+    def _gauge(self, name: str, description: str, tier: str):
         if self.closed:
-            return
-        gauge = pb_utils.MetricFamily.GAUGE
-        self._labelled("hetserve_requests_running", "Requests admitted and in flight, per tier", gauge, "tier", tier).set(running)
-        self._labelled("hetserve_requests_waiting", "Requests queued for admission, per tier", gauge, "tier", tier).set(queued)
+            return None
+        return self._labelled(name, description, pb_utils.MetricFamily.GAUGE, "tier", tier)
 
     def close(self) -> None:
-        """As KVMetrics.close: free them while the stub can still talk to the server; record nothing after."""
+        """As KVMetrics.close (after the writer's close): free them while the stub can still talk to the server."""
         self.closed = True
         self._by_label.clear()
         self._families.clear()
         for name in ("prompt_tokens", "generation_tokens", "ttft", "tpot", "e2e", "request_prompt", "request_generation", "params_n", "_make"):
             setattr(self, name, None)
+
