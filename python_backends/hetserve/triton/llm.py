@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from hetserve.admission import Admission, Overloaded, Ticket
 from hetserve.cancel import attempt_id
 from hetserve.routing import Tier, eligible, order, parse_tiers
 from hetserve.connector_params import load_params
+from hetserve.daemon_pool import DaemonPool
 from hetserve.kv import transfer
 from hetserve.kv.format import KVMismatchError, ModelFingerprint, validate_kv
 from hetserve.first_token import FIRST_TOKEN_KEY
@@ -213,6 +213,7 @@ class LLMModel(EngineModel):
         )
         # Copies into slots and readiness checks wait in the loop's default executor.
         self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hetserve-llm")
+        self._bls = DaemonPool("hetserve-bls")
         self.engine.loop.call_soon_threadsafe(self.engine.loop.set_default_executor, self._threads)
         for tier in self.tiers:
             tier.admission.on_change = lambda running, queued, name=tier.name: self.serving.tier(name, running, queued)
@@ -646,13 +647,14 @@ class LLMModel(EngineModel):
     async def _call_prefill(self, tier: Tier, flow: Flow, inputs) -> _Reply:
         """The one response of a BLS request to prefill; errors say whose fault.
 
-        The request runs in a thread of its own (``exec`` and its response
-        iterator block), and llm waits for it no longer than prefill is ready
-        and ``prefill_timeout_s`` allows. If prefill's stub dies, that thread
-        blocks for ever (Triton 2.51 never ends a dead stub's requests, and
-        cannot cancel a BLS request): it is left behind, holding nothing of
-        llm's. Not Triton's ``async_exec``: it blocks in the loop's default
-        executor, and enough stuck calls would starve it.
+        The request runs on a thread of ``self._bls`` (``exec`` and its
+        response iterator block), and llm waits for it no longer than
+        prefill is ready and ``prefill_timeout_s`` allows. If prefill's stub
+        dies, that thread blocks for ever (Triton 2.51 never ends a dead
+        stub's requests, and cannot cancel a BLS request): it is left behind,
+        holding nothing of llm's, and later calls start other threads
+        (daemon_pool.py). Not Triton's ``async_exec``: it blocks in the
+        loop's default executor, and enough stuck calls would starve it.
         """
         request = pb_utils.InferenceRequest(
             model_name=tier.model, inputs=inputs, requested_output_names=_PREFILL_OUTPUTS
@@ -669,7 +671,7 @@ class LLMModel(EngineModel):
             else:
                 loop.call_soon_threadsafe(_settle, result, value, None)
 
-        threading.Thread(target=run, name="hetserve-bls", daemon=True).start()
+        self._bls.run(run)
         try:
             # Giving up marks the request on the board: a live prefill stops working on it.
             responses = await self._wait_for_prefill(tier, flow, result, lambda: self.board.cancel(attempt))
