@@ -37,12 +37,17 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from hetserve import names
 from hetserve.checkpoint import BUILTIN, resolve_model
 from hetserve import shm
 from hetserve.shm import PREFIX_ENV, SHM_DIR
 from hetserve.kv.format import TRITON_DTYPES, ModelFingerprint
-from hetserve.supervisor import ADMIN_HEADER, Supervisor, TritonAdmin, group_members, kill_letting_trackers_clean, shm_mapped
+from hetserve.supervisor import (
+    ADMIN_HEADER, LaunchWatch, Supervisor, TritonAdmin, group_members, kill_letting_trackers_clean, live_stubs, shm_mapped,
+    stub_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -719,14 +724,17 @@ class Server:
 
     def wait_ready(self, stop: threading.Event | None = None) -> bool:
         deadline = time.monotonic() + self.options.startup_timeout
+        triton, watch, hung = psutil.Process(self.process.pid), LaunchWatch(self.process.pid), []
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             if self.process.poll() is not None:
+                if hung:
+                    raise LaunchHung(f"tritonserver exited (code {self.process.returncode}) after its hung stub was stopped")
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
             if is_ready(self.options.host, self.options.http_port) and serves_metrics(
                 self.options.host, self.options.metrics_port
             ) and self.process.poll() is None:
                 admin = TritonAdmin(self.options.host, self.options.http_port, self.options.admin_key)
-                self.supervisor = Supervisor(self.process.pid, admin, self.models)
+                self.supervisor = Supervisor(self.process.pid, admin, self.models, stop=stop)
                 self.watch()
                 logger.info(
                     "ready in %.1f s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
@@ -736,6 +744,11 @@ class Server:
                     self.options.host, self.options.metrics_port,
                 )
                 return True
+            if not hung:
+                hung = watch.hung(live_stubs(triton))
+                if hung:
+                    # Triton then fails that model's load and, at start-up, exits.
+                    watch.kill(hung, ", ".join(sorted({stub_model(s) or "?" for s in hung})))
             time.sleep(0.5)
         if stop and stop.is_set():
             return False
@@ -778,24 +791,40 @@ class Server:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class LaunchHung(RuntimeError):
+    """Triton hung launching a stub (supervisor.LaunchWatch); the server was stopped, and may start again."""
+
+
+STARTS = 3  # tries at starting the server when a stub launch hangs
+
+
 def serve(options: ServeOptions) -> int:
     """Run until SIGINT/SIGTERM or until the server exits; return its exit code."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = Server(options)
-    try:
+    for attempt in range(1, STARTS + 1):
+        server = Server(options)
         try:
-            server.start()
-        except ConfigError as exc:
-            logger.error("%s", exc)
-            return 2
-        if server.wait_ready(stop):
-            while not stop.is_set() and server.process.poll() is None:
-                server.watch()
-                stop.wait(0.5)
-        code = server.process.poll()
-        return 0 if code is None else code
-    finally:
-        logger.info("stopping tritonserver")
-        server.stop()
+            try:
+                server.start()
+            except ConfigError as exc:
+                logger.error("%s", exc)
+                return 2
+            try:
+                ready = server.wait_ready(stop)
+            except LaunchHung as exc:
+                if attempt == STARTS or stop.is_set():
+                    raise
+                logger.warning("%s; starting it again (try %d of %d)", exc, attempt + 1, STARTS)
+                continue
+            if ready:
+                while not stop.is_set() and server.process.poll() is None:
+                    server.watch()
+                    stop.wait(0.5)
+            code = server.process.poll()
+            return 0 if code is None else code
+        finally:
+            logger.info("stopping tritonserver")
+            server.stop()
+    raise AssertionError("unreachable")

@@ -20,6 +20,15 @@ gone it
 4. loads the model again and waits until it is ready (retrying with a back-off
    if that fails).
 
+A stub that misses one of Triton's 1-s health checks while it initialises
+(starved of CPU for a second on a busy host; hetserve's initialise takes a
+minute on two cores) makes Triton 2.51 give up on it and then wait for it to
+exit (python_backend r24.10, ``StubLauncher::Launch`` → ``WaitForStubProcess``:
+``waitpid``, no kill), which it never does: the load hangs for ever, with
+nothing logged. ``LaunchWatch`` sees tritonserver blocked in ``waitpid`` on
+a live stub for HUNG_LAUNCH_S; that stub is then killed, so that the load
+fails and can be tried again.
+
 Requests that a dead ``prefill`` held are the ``llm`` model's to end (it gives
 up on them and prefills locally). Requests that a dead ``llm`` stub held cannot
 be ended by anyone: Triton keeps their response factories only in messages to
@@ -33,6 +42,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +60,7 @@ ENGINE_CORE_TITLE = "VLLM::EngineCore"
 ADMIN_HEADER = "hetserve-admin-key"
 RESTART_BACKOFF_S = (1.0, 5.0, 15.0, 30.0)
 RETIRED_GRACE_S = 60.0  # for an unloaded instance's stub to finish (vLLM's own shutdown takes up to 30 s)
+HUNG_LAUNCH_S = 20.0  # tritonserver blocked in waitpid on a live stub this long: the launch hung
 
 
 class TritonAdmin:
@@ -159,6 +171,93 @@ def kill_letting_trackers_clean(processes: list[psutil.Process], grace_s: float 
     return killed
 
 
+# wait4's syscall number, as /proc/<pid>/task/<tid>/syscall shows it
+_WAIT4 = {"x86_64": "61", "aarch64": "260"}.get(platform.machine())
+
+
+def waited_on(pid: int) -> set[int] | None:
+    """The pids that threads of process ``pid`` are blocked in waitpid on.
+
+    From each thread's ``/proc/.../syscall`` (readable by the parent, and by
+    the same user where ptrace is not restricted); None when a thread waits
+    (its wchan is ``do_wait``) on a pid that cannot be read.
+    """
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read().strip() != "do_wait":
+                    continue
+        except OSError:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            return None
+        if _WAIT4 is None or len(fields) < 2 or fields[0] != _WAIT4:
+            return None
+        found.add(int(fields[1], 16))
+    return found
+
+
+class LaunchWatch:
+    """Tell a hung stub launch (see the module's docstring) from a slow one."""
+
+    def __init__(self, server_pid: int, hung_after_s: float = HUNG_LAUNCH_S):
+        self.server_pid = server_pid
+        self.hung_after_s = hung_after_s
+        self._since: dict[int, float] = {}  # stub pid -> since when tritonserver waits on it
+
+    def hung(self, stubs: list[psutil.Process]) -> list[psutil.Process]:
+        """Those of ``stubs`` (live ones a load may wait on) that tritonserver has waited on for hung_after_s.
+
+        Call it about twice a second while a load runs.
+        """
+        waited = waited_on(self.server_pid)
+        now = time.monotonic()
+        hung = []
+        for stub in stubs:
+            if alive(stub) and (waited is None or stub.pid in waited):
+                since = self._since.setdefault(stub.pid, now)
+                if now - since >= self.hung_after_s:
+                    hung.append(stub)
+            else:
+                self._since.pop(stub.pid, None)
+        return hung
+
+    @staticmethod
+    def kill(stubs: list[psutil.Process], what: str) -> None:
+        logger.error(
+            "%s: Triton gave up on its stub while it initialised (a missed 1-s health check: starved of CPU?) and "
+            "now waits for it to exit, which it never does (Triton 2.51); killing the stub (pid %s) so that the "
+            "load fails and can be tried again", what, ", ".join(str(s.pid) for s in stubs),
+        )
+        family = []
+        for stub in stubs:
+            try:
+                family += [stub, *stub.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        kill_letting_trackers_clean(family)
+
+
+def live_stubs(server: psutil.Process, model: str | None = None, skip: set[int] = frozenset()) -> list[psutil.Process]:
+    """tritonserver's live stub processes (of ``model``, or all), but those in ``skip``."""
+    try:
+        children = server.children()
+    except psutil.Error:
+        return []
+    return [
+        c for c in children
+        if c.pid not in skip and (name := stub_model(c)) is not None and (model is None or name == model) and alive(c)
+    ]
+
+
 def stub_model(process: psutil.Process) -> str | None:
     """The model a Python backend stub serves: its first argument is ``<repo>/<model>/<version>/model.py``."""
     try:
@@ -190,8 +289,12 @@ class Watched:
 
 
 class Supervisor:
-    def __init__(self, server_pid: int, admin: TritonAdmin, models: list[str], load_timeout: float = 900.0):
+    def __init__(
+        self, server_pid: int, admin: TritonAdmin, models: list[str], load_timeout: float = 900.0,
+        stop: threading.Event | None = None,
+    ):
         self.server = psutil.Process(server_pid)
+        self.stop = stop or threading.Event()  # set: give up waiting (the launcher is stopping)
         self.admin = admin
         self.models = models
         self.load_timeout = load_timeout
@@ -272,15 +375,38 @@ class Supervisor:
         self.kill_orphans()
         self.remove_unmapped(old.files)
         for attempt, backoff in enumerate((0.0, *RESTART_BACKOFF_S)):
-            time.sleep(backoff)
+            if self.stop.wait(backoff):
+                return
             started = time.monotonic()
-            if self.admin.load(model, self.load_timeout) and self.admin.ready(model):
+            if self._load(model):
                 logger.info("%s: loaded again in %.1f s (restart %d)", model, time.monotonic() - started, self.restarts[model])
                 self.note()
+                return
+            if self.stop.is_set():
                 return
             logger.error("%s: loading failed (attempt %d)", model, attempt + 1)
             self.kill_orphans()
         logger.error("%s: could not be loaded again; it stays unavailable", model)
+
+    def _load(self, model: str) -> bool:
+        """Load ``model`` and say whether it is ready; a hung stub launch is killed (the load fails).
+
+        The load waits in a thread: this one watches the launch, and stops
+        waiting when the launcher stops (SIGTERM, SIGINT).
+        """
+        done, result = threading.Event(), []
+        threading.Thread(
+            target=lambda: (result.append(self.admin.load(model, self.load_timeout)), done.set()),
+            name=f"load-{model}", daemon=True,
+        ).start()
+        watch = LaunchWatch(self.server.pid)
+        while not done.wait(0.5):
+            if self.stop.is_set():
+                return False
+            hung = watch.hung(live_stubs(self.server, model, skip=set(self.retired)))
+            if hung:
+                watch.kill(hung, model)
+        return result[0] and self.admin.ready(model)
 
     def kill_orphans(self) -> list[int]:
         """SIGKILL processes of the server's group that left tritonserver's tree."""

@@ -10,6 +10,11 @@ retries on ``prefill_cpu`` or prefills locally, so the first two waves see no
 error at all; afterwards the server answers exactly, and when it stops no file
 of it is left in /dev/shm.
 
+The server's first start is itself a fault: ``prefill_cpu``'s stub is
+stopped for 3 s while it initialises, so that it misses Triton's 1-s health
+check. Triton 2.51 then waits for that stub to exit, for ever; the launcher
+must see it, stop the stub and start the server again.
+
 (A SIGKILLed llm *stub* is brought back too, but the requests it held can only
 end at their clients' deadlines: Triton 2.51 keeps their response factories
 only in that stub. See README "Failures".)
@@ -57,9 +62,37 @@ def chaos_server(tmp_path_factory):
     shutil.copytree(repo / "prefill", repo / "prefill_cpu")
     config = repo / "prefill_cpu" / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "prefill"', 'name: "prefill_cpu"'))
-    yield from run_server(
+    starve = threading.Thread(target=starve_once, args=("prefill_cpu",), daemon=True)
+    starve.start()
+    for server in run_server(
         tmp_path_factory, "--model-repository", str(repo), "--model-parameter", "llm:prefill_model=prefill,prefill_cpu"
-    )
+    ):
+        starve.join(0)
+        log = server.log_text()
+        assert "prefill_cpu: Triton gave up on its stub while it initialised" in log, log[-4000:]
+        assert "starting it again (try 2 of 3)" in log
+        yield server
+
+
+STARVED_S = 3
+
+
+def starve_once(model: str, timeout_s: float = 300) -> None:
+    """SIGSTOP the first stub of ``model`` under this test process for STARVED_S, a few seconds into its start."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                argv = child.cmdline()
+                if argv[:1] and argv[0].endswith("triton_python_backend_stub") and f"/{model}/1/" in argv[1]:
+                    time.sleep(3)  # past the stub's first message (its health thread runs)
+                    child.send_signal(signal.SIGSTOP)
+                    time.sleep(STARVED_S)
+                    child.send_signal(signal.SIGCONT)
+                    return
+            except (psutil.Error, IndexError):
+                continue
+        time.sleep(0.2)
 
 
 def inference_count(server, model: str) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -74,6 +76,7 @@ def watched(monkeypatch):
     removed = []
     monkeypatch.setattr(Supervisor, "remove_unmapped", lambda self, files: removed.append(set(files)))
     monkeypatch.setattr(supervisor.time, "sleep", lambda s: None)
+    monkeypatch.setattr(supervisor, "RESTART_BACKOFF_S", (0.0,) * len(supervisor.RESTART_BACKOFF_S))
     sup = Supervisor(10, FakeAdmin(), ["prefill", "llm"])
     return SimpleNamespace(server=server, sup=sup, removed=removed)
 
@@ -131,6 +134,75 @@ def test_a_model_that_cannot_be_loaded_again_is_retried_then_left_unavailable(wa
     sup.poll()
     assert "could not be loaded again; it stays unavailable" in caplog.text
     assert "prefill" not in sup.watched
+
+
+def test_a_hung_stub_launch_is_killed_and_the_load_tried_again(watched, monkeypatch):
+    """Triton waits for ever on a stub it gave up on (supervisor's docstring): kill it, the load fails, load again."""
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    released = threading.Event()
+    loads = []
+
+    new_stub = FakeProcess(400, ["/b/python/triton_python_backend_stub", "/r/prefill/1/model.py", "region"])
+
+    def load(model, timeout):
+        loads.append(model)
+        if len(loads) == 1:  # the first load's stub launch hangs until that stub is killed
+            server._children.append(new_stub)
+            released.wait(10)
+            return False
+        return True
+
+    sup.admin.load = load
+    killed = []
+    monkeypatch.setattr(supervisor.LaunchWatch, "hung", lambda self, stubs: list(stubs))
+    monkeypatch.setattr(
+        supervisor.LaunchWatch, "kill", staticmethod(lambda stubs, what: (killed.append((what, [s.pid for s in stubs])), released.set()))
+    )
+    server._children[0].dead = True  # prefill's stub dies; the new one's launch hangs
+    started = time.monotonic()
+    sup.poll()
+    assert killed == [("prefill", [400])] and loads == ["prefill", "prefill"]
+    assert time.monotonic() - started < 5
+    assert sup.restarts["prefill"] == 1
+
+
+def test_a_stop_ends_the_wait_for_a_load(watched):
+    """SIGTERM while a reload hangs: the launcher stops waiting (it used to block in the load for up to 900 s)."""
+    sup, server = watched.sup, watched.server
+    sup.poll()
+    never = threading.Event()
+    sup.admin.load = lambda model, timeout: never.wait(60)
+    server._children[1]._children[0].dead = True
+    threading.Timer(0.3, sup.stop.set).start()
+    started = time.monotonic()
+    sup.poll()
+    assert time.monotonic() - started < 3
+    never.set()
+
+
+def test_waited_on_names_the_child_a_process_blocks_in_waitpid_on():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess; c = subprocess.Popen(['sleep', '30']); print(c.pid, flush=True); os.waitpid(c.pid, 0)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 5
+        while supervisor.waited_on(parent.pid) != {child}:
+            assert time.monotonic() < deadline, supervisor.waited_on(parent.pid)
+            time.sleep(0.05)
+        assert supervisor.waited_on(os.getpid()) == set()  # pytest waits on nobody
+        watch = supervisor.LaunchWatch(parent.pid, hung_after_s=0.3)
+        stub, other = psutil.Process(child), psutil.Process(os.getpid())
+        assert watch.hung([stub, other]) == []  # not for long enough yet
+        time.sleep(0.4)
+        assert watch.hung([stub, other]) == [stub]  # waited on all along; the other never
+    finally:
+        for p in psutil.Process(parent.pid).children():
+            p.kill()
+        parent.kill()
+        parent.wait()
 
 
 def test_a_killed_servers_processes_and_files_are_removed_by_the_next_launcher():
