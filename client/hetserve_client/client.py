@@ -81,7 +81,18 @@ def stream_grpc(
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     finished = False
     try:
-        client.async_stream_infer(model, _grpc_inputs(prompt, sampling or {}, stream=True), enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(model, _grpc_inputs(prompt, sampling or {}, stream=True), enable_empty_final_response=True)
+        except InferenceServerException:
+            # The stream failed already ("no longer in valid state"); its callback has the cause.
+            try:
+                _, error = responses.get(timeout=1)
+            except queue.Empty:
+                error = None
+            if error is None:
+                raise
+            finished = True
+            raise error from None
         while not finished:
             result, error = responses.get(timeout=timeout)
             if error is not None:

@@ -37,12 +37,22 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from hetserve_client import stream_grpc, wait_ready
 
+    from tritonclient.utils import InferenceServerException
+
     if args.wait:
         wait_ready(args.http_url, args.wait)
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    for delta in stream_grpc(args.url, args.prompt, sampling, model=args.model):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
+    try:
+        for delta in stream_grpc(args.url, args.prompt, sampling, model=args.model):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    except InferenceServerException as exc:
+        message = exc.message() or str(exc)
+        hint = ""
+        if "unavailable" in message.lower() or "connect" in message.lower():
+            hint = f" (is the server at {args.url} up and ready? --wait SECONDS waits for it)"
+        print(f"\nhetserve generate: {message}{hint}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     return 0
 

@@ -701,7 +701,10 @@ class Server:
         check_shm_capacity(largest_kv, slot_bytes, len(self.models))
         backends = assemble_backends(triton, self.workdir / "backends")
         command = server_command(triton, self.options, repo, backends, largest_kv, self.shm_prefixes[1])
-        logger.info("largest KV accepted: %.1f MiB; starting %s", largest_kv / MiB, " ".join(command))
+        shown = " ".join(command)
+        if self.options.admin_key:
+            shown = shown.replace(self.options.admin_key, "<admin key>")
+        logger.info("largest KV accepted: %.1f MiB; starting %s", largest_kv / MiB, shown)
         self.started = time.monotonic()
         # A new session: on shutdown, stubs and vLLM processes are stopped as
         # this process group, never by name.

@@ -139,13 +139,20 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, at least 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetserve plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prices", type=Path, required=True, help="YAML price table (e.g. docker/prices.example.yaml)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where hetserve bench tiers wrote its files")
     parser.add_argument("--model", help="the measured model to plan for (needed when the results hold several)")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=_positive, default=512)
+    parser.add_argument("--output-tokens", type=_positive, default=128)
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)

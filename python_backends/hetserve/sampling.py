@@ -95,6 +95,7 @@ def _scalar(name: str, value: Any, hint: Any) -> Any:
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries to the engine core
 _KINDS = {int: "integer", float: "number", str: "string", bool: "boolean"}
+_TAKES = {str: "a string", list: "a list", dict: "an object"}
 
 
 def _fits(value: Any, kind: type) -> bool:
@@ -123,6 +124,9 @@ def _check_kind(name: str, value: Any, hint: Any) -> None:
             raise ValueError(f"sampling_parameters: {name} must not be an object")
     elif isinstance(value, str) and lists and str not in args:
         raise ValueError(f"sampling_parameters: {name} must be a list, got a string")
+    elif isinstance(value, (int, float)) and Any not in args and not any(a in (int, float, bool) for a in args):
+        takes = sorted({_TAKES.get(typing.get_origin(a) or a, "an object") for a in args if a is not type(None)})
+        raise ValueError(f"sampling_parameters: {name} must be {' or '.join(takes)}, got {value!r}")
 
 
 def _coerce(fields: dict[str, Any]) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def test_shared_memory_and_repository_apis_need_the_admin_key(server):
 
     key_file = re.search(r"hetserve-admin-key: <the key in (\S+)>", server.log_text()).group(1)
     key = open(key_file).read().strip()
+    assert key not in server.log_text() and "<admin key>" in server.log_text()  # the logged command hides it
     region = "/hetserve-test-region"  # never created: the call must be refused before it looks
     client = httpclient.InferenceServerClient(server.http_url)
     try:

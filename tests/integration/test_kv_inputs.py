@@ -88,6 +88,10 @@ def mismatches(prefilled):
         "shape": ({names.KV_CACHE: np.ascontiguousarray(kv[:, :, :1])}, "KV shape is"),
         "dtype": ({names.KV_CACHE: kv.astype(np.float16)}, "FP16"),
         "missing": ({names.KV_FINGERPRINT: None}, r"without input\(s\) \['kv_fingerprint'\]"),
+        "input_ids alone": (
+            {names.KV_CACHE: None, names.KV_TOKEN_IDS: None, names.KV_FINGERPRINT: None},
+            "input_ids are the tokens that follow a client's KV .*; send a prompt as text_input",
+        ),
         "garbage fingerprint": ({names.KV_FINGERPRINT: strings("{")}, "kv_fingerprint"),
         "token out of vocabulary": ({names.INPUT_IDS: np.array([10**9])}, "outside the vocabulary"),
         "negative token": ({names.KV_TOKEN_IDS: np.where(ids == ids[0], -3, ids)}, "token id -3"),
@@ -95,7 +99,7 @@ def mismatches(prefilled):
 
 
 @pytest.mark.parametrize("case", [
-    "fingerprint", "token count", "shape", "dtype", "missing", "garbage fingerprint",
+    "fingerprint", "token count", "shape", "dtype", "missing", "input_ids alone", "garbage fingerprint",
     "token out of vocabulary", "negative token",
 ])
 def test_mismatched_kv_is_refused_and_serving_goes_on(server, prefilled, expected, case):

@@ -48,6 +48,14 @@ def test_logprobs_equal_a_single_engine(server, reference, stream):
         assert abs(cumulative - w["cumulative_logprob"]) < TOLERANCE * len(ids)
 
 
+def test_cumulative_logprob_without_logprobs_is_nan_as_in_tritons_vllm_backend(server):
+    """vLLM leaves it unset without logprobs; Triton's vLLM backend sends that as NaN (0.0 would read as probability 1)."""
+    for prompt in ("Hello", PROMPTS[-1]):  # prefilled by llm, and by prefill (its first token)
+        for stream in (True, False):
+            responses = ask_llm(server.grpc_url, prompt, {"max_tokens": 3, "temperature": 0}, stream, names.RETURN_CUMULATIVE_LOGPROB)
+            assert all(np.isnan(r[names.CUMULATIVE_LOGPROB][0]) for r in responses), (prompt[:20], stream)
+
+
 def test_prompt_logprobs_are_served_by_local_prefill(server, reference):
     sampling = {**SAMPLING, "prompt_logprobs": 1}
     prompt = PROMPTS[-1]  # long: would otherwise go to prefill

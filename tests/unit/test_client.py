@@ -16,3 +16,18 @@ def test_several_tokens_and_listed_fields():
     done = completion_of(out)
     assert done.token_ids == [1, 2, 3]
     assert (done.text, done.finish_reason, done.num_output_tokens) == ("ab", "stop", 3)
+
+
+def test_generate_against_no_server_says_so_without_a_traceback(capsys):
+    """tritonclient reports a failed stream as "no longer in valid state"; the cause is in its callback."""
+    import socket
+
+    from hetserve.cli import main as hetserve
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert hetserve(["generate", "Hello", "--url", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert "Connection refused" in err and "--wait SECONDS waits for it" in err
+    assert "Traceback" not in err

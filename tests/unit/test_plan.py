@@ -96,3 +96,14 @@ def test_hetserve_plan_on_the_command_line(tmp_path, capsys):
     write_prices(tmp_path / "prices.yaml")
     assert hetserve(["plan", "--prices", str(tmp_path / "prices.yaml"), "--results", str(tmp_path / "results")]) == 0
     assert "gpu-b -> cpu-a [0.02:1]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--prompt-tokens", "--output-tokens"])
+def test_token_counts_below_one_are_refused(tmp_path, capsys, flag):
+    from hetserve.cli import main as hetserve
+
+    write_prices(tmp_path / "prices.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        hetserve(["plan", "--prices", str(tmp_path / "prices.yaml"), flag, "-5"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a whole number of tokens, at least 1, got -5" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def test_wrong_types_are_refused_before_they_reach_the_engine_core(fields, where
     ({"stop": [None]}, "stop must be a list of strings, got None"),
     ({"bad_words": "than"}, "bad_words must be a list, got a string"),  # was accepted as a list of letters
     ({"allowed_token_ids": [1, True]}, "allowed_token_ids must be a list of integers, got True"),
+    ({"stop": 5}, "stop must be a list or a string, got 5"),  # was "'int' object is not iterable"
+    ({"logit_bias": 3}, "logit_bias must be an object, got 3"),
+    ({"structured_outputs": 2.5}, "structured_outputs must be an object, got 2.5"),
 ])
 def test_values_of_the_wrong_kind_are_refused_with_the_field_named(fields, message):
     with pytest.raises(ValueError, match=re.escape(f"sampling_parameters: {message}")):

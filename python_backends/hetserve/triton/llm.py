@@ -177,7 +177,7 @@ class _Output:
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[dict] | None = None
-    cumulative: float = 0.0
+    cumulative: float | None = None  # None without logprobs, as vLLM (sent as NaN, as Triton's vLLM backend)
     responses: int = 0  # streamed responses sent
 
 
@@ -338,7 +338,7 @@ class LLMModel(EngineModel):
                 finish = STOP
             elif not finish and (params.max_tokens == 1 or len(ids) + 1 >= self.max_model_len):
                 finish = LENGTH
-            cumulative = sum(logprob_of(e, t) for e, t in zip(first_logprobs, first)) if first_logprobs else 0.0
+            cumulative = None if first_logprobs is None else sum(logprob_of(e, t) for e, t in zip(first_logprobs, first))
             self._emit(flow, out, delta.token_ids, delta.text, finish, first_logprobs, cumulative)
             if finish:
                 return
@@ -770,7 +770,8 @@ class LLMModel(EngineModel):
         if req.return_logprobs:
             tensors.append(string_tensor(names.LOGPROBS, json.dumps(logprobs)))
         if req.return_cumulative_logprob:
-            tensors.append(pb_utils.Tensor(names.CUMULATIVE_LOGPROB, np.array([out.cumulative], dtype=np.float32)))
+            cumulative = np.nan if out.cumulative is None else out.cumulative
+            tensors.append(pb_utils.Tensor(names.CUMULATIVE_LOGPROB, np.array([cumulative], dtype=np.float32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 

@@ -76,6 +76,11 @@ def client_kv(request, fingerprint: ModelFingerprint, max_tokens: int, check_ids
     missing = [name for name, tensor in tensors.items() if tensor is None]
     if len(missing) == len(_KV_INPUTS):
         return None
+    if missing == [name for name in _KV_INPUTS if name != names.INPUT_IDS]:
+        raise ValueError(
+            f"{names.INPUT_IDS} are the tokens that follow a client's KV ({', '.join(missing)}); "
+            f"send a prompt as {names.TEXT_INPUT}"
+        )
     if missing:
         raise ValueError(f"KV sent without input(s) {missing}: send all of {list(_KV_INPUTS)}")
     # Zero-copy views of the tensors in this stub's shared memory.
