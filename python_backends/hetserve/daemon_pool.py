@@ -48,5 +48,6 @@ class DaemonPool:
                 fn()
             except BaseException:  # noqa: BLE001 - the thread serves the next call
                 logger.exception("%s: a call failed", self._name)
+            fn = None  # an idle thread must not keep the last call's request and responses alive
             with self._lock:
                 self._idle += 1

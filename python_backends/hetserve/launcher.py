@@ -727,10 +727,10 @@ class Server:
 
     def wait_ready(self, stop: threading.Event | None = None) -> bool:
         deadline = time.monotonic() + self.options.startup_timeout
-        triton, watch, hung = psutil.Process(self.process.pid), LaunchWatch(self.process.pid), []
+        triton, watch, killed = psutil.Process(self.process.pid), LaunchWatch(self.process.pid), set()
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             if self.process.poll() is not None:
-                if hung:
+                if killed:
                     raise LaunchHung(f"tritonserver exited (code {self.process.returncode}) after its hung stub was stopped")
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} during start-up")
             if is_ready(self.options.host, self.options.http_port) and serves_metrics(
@@ -747,11 +747,11 @@ class Server:
                     self.options.host, self.options.metrics_port,
                 )
                 return True
-            if not hung:
-                hung = watch.hung(live_stubs(triton))
-                if hung:
-                    # Triton then fails that model's load and, at start-up, exits.
-                    watch.kill(hung, ", ".join(sorted({stub_model(s) or "?" for s in hung})))
+            hung = watch.hung(live_stubs(triton, skip=killed))
+            if hung:
+                # Triton then fails that model's load and, at start-up, exits (another stub may hang too).
+                watch.kill(hung, ", ".join(sorted({stub_model(s) or "?" for s in hung})))
+                killed |= {s.pid for s in hung}
             time.sleep(0.5)
         if stop and stop.is_set():
             return False
@@ -798,7 +798,7 @@ class LaunchHung(RuntimeError):
     """Triton hung launching a stub (supervisor.LaunchWatch); the server was stopped, and may start again."""
 
 
-STARTS = 3  # tries at starting the server when a stub launch hangs
+STARTS = 2  # tries at starting the server when a stub launch hangs
 
 
 def serve(options: ServeOptions) -> int:
@@ -807,6 +807,8 @@ def serve(options: ServeOptions) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     for attempt in range(1, STARTS + 1):
+        if stop.is_set():
+            return 0
         server = Server(options)
         try:
             try:

@@ -212,6 +212,7 @@ class LaunchWatch:
         self.server_pid = server_pid
         self.hung_after_s = hung_after_s
         self._since: dict[int, float] = {}  # stub pid -> since when tritonserver waits on it
+        self._unreadable = False
 
     def hung(self, stubs: list[psutil.Process]) -> list[psutil.Process]:
         """Those of ``stubs`` (live ones a load may wait on) that tritonserver has waited on for hung_after_s.
@@ -219,10 +220,18 @@ class LaunchWatch:
         Call it about twice a second while a load runs.
         """
         waited = waited_on(self.server_pid)
+        if waited is None:  # cannot tell which child: never kill on a guess
+            if not self._unreadable:
+                logger.warning(
+                    "cannot read whom tritonserver (pid %d) waits for (/proc/.../syscall); a hung stub launch will not "
+                    "be detected", self.server_pid,
+                )
+                self._unreadable = True
+            return []
         now = time.monotonic()
         hung = []
         for stub in stubs:
-            if alive(stub) and (waited is None or stub.pid in waited):
+            if alive(stub) and stub.pid in waited:
                 since = self._since.setdefault(stub.pid, now)
                 if now - since >= self.hung_after_s:
                     hung.append(stub)
@@ -233,9 +242,10 @@ class LaunchWatch:
     @staticmethod
     def kill(stubs: list[psutil.Process], what: str) -> None:
         logger.error(
-            "%s: Triton gave up on its stub while it initialised (a missed 1-s health check: starved of CPU?) and "
-            "now waits for it to exit, which it never does (Triton 2.51); killing the stub (pid %s) so that the "
-            "load fails and can be tried again", what, ", ".join(str(s.pid) for s in stubs),
+            "%s: Triton gave up on its stub (a missed 1-s health check while it initialised: starved of CPU? or a "
+            "failed initialise) and has waited %.0f s for it to exit, which a starved stub never does (Triton 2.51); "
+            "killing the stub (pid %s) so that the load fails and can be tried again",
+            what, HUNG_LAUNCH_S, ", ".join(str(s.pid) for s in stubs),
         )
         family = []
         for stub in stubs:
@@ -395,10 +405,14 @@ class Supervisor:
         waiting when the launcher stops (SIGTERM, SIGINT).
         """
         done, result = threading.Event(), []
-        threading.Thread(
-            target=lambda: (result.append(self.admin.load(model, self.load_timeout)), done.set()),
-            name=f"load-{model}", daemon=True,
-        ).start()
+
+        def load() -> None:
+            try:
+                result.append(self.admin.load(model, self.load_timeout))
+            finally:
+                done.set()
+
+        threading.Thread(target=load, name=f"load-{model}", daemon=True).start()
         watch = LaunchWatch(self.server.pid)
         while not done.wait(0.5):
             if self.stop.is_set():
@@ -406,7 +420,7 @@ class Supervisor:
             hung = watch.hung(live_stubs(self.server, model, skip=set(self.retired)))
             if hung:
                 watch.kill(hung, model)
-        return result[0] and self.admin.ready(model)
+        return bool(result and result[0]) and self.admin.ready(model)
 
     def kill_orphans(self) -> list[int]:
         """SIGKILL processes of the server's group that left tritonserver's tree."""

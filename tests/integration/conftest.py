@@ -35,7 +35,8 @@ SETTLE_TIMEOUT_S = 5
 
 def _written(samples: dict[str, float]) -> dict[str, float]:
     """hetserve's counters and histograms: what a finished request moves (not gauges, not Triton's own)."""
-    return {k: v for k, v in samples.items() if k.startswith(("vllm:", "hetserve_")) and not k.startswith("hetserve_requests_")}
+    gauges = ("hetserve_requests_running", "hetserve_requests_waiting")
+    return {k: v for k, v in samples.items() if k.startswith(("vllm:", "hetserve_")) and not k.startswith(gauges)}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ group of layers for llm's early load as it lands (kv/early.py).
 The same server checks that a prefill tier that hangs (alive, reading
 ready, answering nothing) costs one timeout, not one per prompt. prefill's
 EngineCore is stopped (SIGSTOP): its model still reads ready and nothing
-dies, so only ``prefill_timeout_s`` (4 s here) ends the first long prompt's
+dies, so only ``prefill_timeout_s`` (8 s here) ends the first long prompt's
 wait, which then is prefilled locally. The tier is then left alone for a
 while (routing.QUIET_S): the next long prompt goes local at once. Once the
 engine runs again, a prompt after the quiet time is prefilled by the tier.
@@ -37,7 +37,7 @@ from test_chaos import engine_core
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["model token " * 200, "Hello"]
 GREEDY = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
-TIMEOUT_S = 4
+TIMEOUT_S = 8
 LONG = ["model token " * 200, "cache " * 127, "prefill decode " * 64]  # all long enough for prefill
 
 

@@ -75,7 +75,7 @@ def test_gauges_keep_their_latest_value_and_are_written_at_most_every_period(met
     serving = metrics.ServingMetrics("llm", "1", writer)
     for running in range(1, 101):  # 100 admission changes in a burst
         serving.tier("prefill", running, queued=0)
-    time.sleep(metrics.GAUGE_PERIOD_S * 3)
+    time.sleep(metrics.GAUGE_PERIOD_S * 6)
     serving.tier("prefill", 0, queued=0)
     writer.close()  # writes what is pending
     sets = [(key[0], value) for op, key, value in metrics.log if op == "set" and key[0] == "hetserve_requests_running"]

@@ -205,6 +205,14 @@ def test_waited_on_names_the_child_a_process_blocks_in_waitpid_on():
         parent.wait()
 
 
+def test_nothing_is_killed_when_whom_tritonserver_waits_for_cannot_be_read(monkeypatch, caplog):
+    monkeypatch.setattr(supervisor, "waited_on", lambda pid: None)  # ptrace-restricted /proc/.../syscall
+    watch = supervisor.LaunchWatch(12345, hung_after_s=0.0)
+    me = psutil.Process(os.getpid())
+    assert watch.hung([me]) == [] and watch.hung([me]) == []
+    assert caplog.text.count("a hung stub launch will not be detected") == 1
+
+
 def test_a_killed_servers_processes_and_files_are_removed_by_the_next_launcher():
     # A "server" whose leader is gone but whose child lives on in its group,
     # as vLLM's engine core outlives a SIGKILLed tritonserver.

@@ -7,12 +7,15 @@ consumer's scatter end, engine compute excluded) and the consumer's scatter
 transport. Serving: per-request metrics under Triton's vLLM backend names.
 
 Every update goes through a MetricWriter, on a thread of its own: each
-custom-metric call is a round trip to the server, and in Triton 2.51
-``Metric.set`` holds the GIL for all of it. Made on the engine's event loop
-they stalled every request in the stub (a gauge set per admission change
-took 38% of the loop's time under 64 requests, py-spy ``--gil``). As in
-Triton's vLLM backend, the loop only queues them; a scrape can lag a
-request's last response by the writer's turn (milliseconds; gauges up to
+custom-metric call is a round trip to the server, which the engine's event
+loop waited for. ``increment`` and ``observe`` release the GIL meanwhile, so
+on the writer's thread they no longer hold up the loop; ``Metric.set`` holds
+the GIL through its round trip (Triton 2.51) wherever it runs, so gauges are
+coalesced to their latest value and written at most every GAUGE_PERIOD_S
+(set at every admission change, on the loop, they took 38% of its
+GIL-holding samples under 64 requests, py-spy ``--gil``). As in Triton's
+vLLM backend, the loop only queues updates; a scrape can lag a request's
+last response by the writer's turn (milliseconds; gauges up to
 GAUGE_PERIOD_S).
 """
 
@@ -74,8 +77,9 @@ class MetricWriter:
     def _run(self) -> None:
         next_gauges = time.monotonic()
         while True:
+            wait = max(0.0, next_gauges - time.monotonic()) if self._gauges else GAUGE_PERIOD_S
             try:
-                item = self._queue.get(timeout=GAUGE_PERIOD_S)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = ()
             if item is None:
