@@ -180,7 +180,8 @@ def waited_on(pid: int) -> set[int] | None:
 
     From each thread's ``/proc/.../syscall`` (readable by the parent, and by
     the same user where ptrace is not restricted); None when a thread waits
-    (its wchan is ``do_wait``) on a pid that cannot be read.
+    (its wchan is ``do_wait``) and that file cannot be read, or wait4's
+    number on this architecture is not known.
     """
     found: set[int] = set()
     try:
@@ -199,9 +200,10 @@ def waited_on(pid: int) -> set[int] | None:
                 fields = f.read().split()
         except OSError:
             return None
-        if _WAIT4 is None or len(fields) < 2 or fields[0] != _WAIT4:
+        if _WAIT4 is None:
             return None
-        found.add(int(fields[1], 16))
+        if len(fields) >= 2 and fields[0] == _WAIT4:  # not "running" (it just woke) nor another call
+            found.add(int(fields[1], 16))
     return found
 
 
